@@ -1,0 +1,3 @@
+"""diffaccel: drop-in accelerations for diffusers pipelines, each measured for speed and quality."""
+
+__version__ = "0.1.0"

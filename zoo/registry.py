@@ -1,0 +1,140 @@
+"""The zoo's entries and `load(name)`: ready diffusers pipelines and models from weights shipped in the repo."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.device import resolve_device, resolve_dtype
+from .paths import weights_dir
+
+
+class ZooError(RuntimeError):
+    """A zoo entry cannot be loaded: unknown name, or missing or corrupt weight files.
+
+    `exit_code` is what the CLI exits with: 2 for an unknown name (bad input), 3 for missing/corrupt weights.
+    """
+
+    def __init__(self, message: str, exit_code: int = 3):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # what `load` returns
+    description: str
+    trained: bool  # weights ship in the repo (False: built from a config with random weights)
+
+
+ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry("digits-features", "DigitsClassifier", "CNN classifier; penultimate features for FID/KID", True),
+    ZooEntry("digits-vae", "AutoencoderKL", "1x32x32 <-> 4x8x8 latent autoencoder", True),
+    ZooEntry("digits-clip", "CLIPModel", "tiny CLIP trained on digits and their captions", True),
+    ZooEntry("digits-ddpm", "DDPMPipeline", "pixel-space UNet2DModel, epsilon, 1000-step linear schedule", True),
+    ZooEntry("digits-sd", "StableDiffusionPipeline", "text-to-image latent UNet2DConditionModel + CLIP text", True),
+    ZooEntry("digits-dit", "DiTPipeline", "class-conditional DiTTransformer2DModel on digits-vae latents", True),
+    ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
+    ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
+    ZooEntry("random-dit", "DiTPipeline", "random-weight tiny DiT pipeline", False),
+    ZooEntry("random-pixart", "PixArtAlphaPipeline", "random-weight tiny PixArt-alpha pipeline with a tiny T5", False),
+    ZooEntry("random-sd15-unet", "UNet2DConditionModel", "full-size SD-1.5 UNet config, random weights", False),
+    ZooEntry("random-dit-xl-2", "DiTTransformer2DModel", "full-size DiT-XL/2 (256px) config, random weights", False),
+]}
+
+
+def list_models() -> list[str]:
+    return list(ENTRIES)
+
+
+def entry_path(name: str) -> Path:
+    return weights_dir() / name
+
+
+def _check_entry(name: str) -> Path:
+    if name not in ENTRIES:
+        raise ZooError(f"unknown zoo model {name!r}; valid names: {', '.join(ENTRIES)}", exit_code=2)
+    path = entry_path(name)
+    if not ENTRIES[name].trained:
+        return path
+    hint = f"run `diffaccel zoo train {name}` to recreate it"
+    if not path.is_dir():
+        raise ZooError(f"zoo model {name!r}: weight folder {path} is missing; {hint}")
+    weight_files = sorted(path.rglob("*.safetensors"))
+    if not weight_files:
+        raise ZooError(f"zoo model {name!r}: no .safetensors weight file under {path}; {hint}")
+    from safetensors import safe_open
+
+    for f in weight_files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                keys = list(fh.keys())
+                if keys:
+                    fh.get_slice(keys[-1])[:]
+        except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+            raise ZooError(f"zoo model {name!r}: weight file {f} is corrupt ({exc}); {hint}") from exc
+    return path
+
+
+def load(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """Load a zoo entry fully offline: a diffusers pipeline (or a model) ready on `device` in `dtype` (fp32 default).
+
+    >>> pipe = load("digits-sd")            # StableDiffusionPipeline
+    >>> image = pipe("a handwritten digit seven", num_inference_steps=25).images[0]
+    """
+    path = _check_entry(name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if not ENTRIES[name].trained:
+        from .random_models import build_random
+
+        model = build_random(name)
+        return model.to(dev) if dt == torch.float32 else model.to(dev, dt)
+    kw = dict(torch_dtype=dt, local_files_only=True)
+    if name == "digits-features":
+        from .features import DigitsClassifier
+
+        return DigitsClassifier.from_pretrained(str(path), **kw).to(dev)
+    if name == "digits-vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(str(path), **kw).to(dev)
+    if name == "digits-clip":
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(str(path), dtype=dt, local_files_only=True).to(dev).eval()
+    if name == "digits-ddpm":
+        from diffusers import DDPMPipeline
+
+        return DDPMPipeline.from_pretrained(str(path), **kw).to(dev)
+    if name == "digits-sd":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, **kw)
+        return pipe.to(dev)
+    if name == "digits-dit":
+        from diffusers import DiTPipeline
+
+        id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
+        return DiTPipeline.from_pretrained(str(path), id2label=id2label, **kw).to(dev)
+    raise ZooError(f"no loader for zoo model {name!r}")  # pragma: no cover - ENTRIES and loaders kept in sync
+
+
+def load_processor(name: str = "digits-clip"):
+    """The CLIPProcessor saved with a CLIP entry (image preprocessing + tokenizer)."""
+    from transformers import CLIPProcessor
+
+    path = _check_entry(name)
+    return CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+
+
+def card(name: str) -> dict:
+    """The training card (command, wall time, machine, measured quality) of a trained entry."""
+    path = _check_entry(name)
+    f = path / "card.json"
+    return json.loads(f.read_text()) if f.exists() else {}
