@@ -59,7 +59,9 @@ def pil_to_tensor(images: Image.Image | Sequence[Image.Image], channels: int | N
 
 def pipeline_output_to_uint8(images) -> torch.Tensor:
     """Whatever a diffusers pipeline returned (PIL list, NHWC numpy in [0,1], NCHW tensor in [0,1]) -> uint8 NCHW."""
-    if isinstance(images, Image.Image) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image)):
+    if isinstance(images, Image.Image) or (
+        isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image)
+    ):
         return pil_to_tensor(images)
     if isinstance(images, np.ndarray):
         t = to_uint8(images)

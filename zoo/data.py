@@ -95,7 +95,8 @@ def all_captions() -> list[tuple[str, int]]:
 def label_from_prompt(prompt: str) -> int | None:
     """The digit a prompt asks for (by word or numeral), or None when it names none or several."""
     words = prompt.lower().replace(",", " ").replace(".", " ").split()
-    found = {i for i, w in enumerate(DIGIT_WORDS) if w in words} | {int(w) for w in words if w.isdigit() and len(w) == 1}
+    found = {i for i, w in enumerate(DIGIT_WORDS) if w in words}
+    found |= {int(w) for w in words if w.isdigit() and len(w) == 1}
     return found.pop() if len(found) == 1 else None
 
 

@@ -47,8 +47,8 @@ def random_ddpm():
     from diffusers import DDPMPipeline, UNet2DModel
 
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
     return DDPMPipeline(unet=unet, scheduler=_ddim(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                                    clip_sample=True))
 
@@ -95,7 +95,8 @@ def random_pixart():
     text, tok = _tiny_t5()
     transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                            num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16,
-                                           caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False)
+                                           caption_channels=32, norm_type="ada_norm_single",
+                                           use_additional_conditions=False)
     return PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=_tiny_vae(), transformer=transformer,
                                scheduler=_ddim())
 

@@ -89,6 +89,11 @@ def load(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype
     path = _check_entry(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    return load_from(name, path, dev, dt)
+
+
+def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
+    """Load entry `name` from an explicit folder (used by `load` and by the trainers on what they just wrote)."""
     if not ENTRIES[name].trained:
         from .random_models import build_random
 
