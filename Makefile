@@ -9,7 +9,6 @@ STAMP  := $(VENV)/.installed
 # (Re)create the virtual environment when it is missing or pyproject/constraints changed.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[app,dev,distill]'
 	touch $(STAMP)
