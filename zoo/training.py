@@ -47,7 +47,7 @@ SETTINGS: dict[str, TrainSettings] = {
     "digits-vae": TrainSettings(iterations=700, batch_size=64, lr=1e-3, warmup=50),
     "digits-clip": TrainSettings(iterations=500, batch_size=128, lr=1e-3, warmup=50),
     "digits-sd": TrainSettings(iterations=1600, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
-    "digits-dit": TrainSettings(iterations=3000, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
+    "digits-dit": TrainSettings(iterations=2000, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
     "digits-ddpm": TrainSettings(iterations=1100, batch_size=64, lr=1e-3, warmup=100, ema=0.995),
 }
 
