@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--iterations", type=int, default=None, help="override the number of training iterations")
     q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; results depend on it)")
     q.add_argument("--out", type=Path, default=None, help="write into this folder instead of the package's zoo")
+    q.add_argument("--quality-samples", type=int, default=500,
+                   help="images sampled after training to measure the quality floor (0: skip)")
     q.add_argument("--json", action="store_true", help="print the written card(s) as JSON on stdout")
     q.set_defaults(func=cmd_train)
 
@@ -81,7 +83,8 @@ def cmd_train(args) -> int:
     names = TRAIN_ORDER if args.name == "all" else [args.name]
     cards = []
     for name in names:
-        path = train(name, iterations=args.iterations, out_root=args.out, threads=args.threads)
+        path = train(name, iterations=args.iterations, out_root=args.out, threads=args.threads,
+                     quality_samples=args.quality_samples)
         card = json.loads((path / "card.json").read_text())
         cards.append(card)
         print(f"wrote {path} in {card['train_seconds']} s: {card['train_metrics']}", file=sys.stderr)

@@ -48,7 +48,7 @@ SETTINGS: dict[str, TrainSettings] = {
     "digits-clip": TrainSettings(iterations=500, batch_size=128, lr=1e-3, warmup=50),
     "digits-sd": TrainSettings(iterations=1600, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
     "digits-dit": TrainSettings(iterations=2000, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
-    "digits-ddpm": TrainSettings(iterations=1100, batch_size=64, lr=1e-3, warmup=100, ema=0.995),
+    "digits-ddpm": TrainSettings(iterations=3000, batch_size=64, lr=1e-3, warmup=100, ema=0.999),
 }
 
 
@@ -208,6 +208,22 @@ def train_clip(s: TrainSettings) -> tuple[torch.nn.Module, dict]:
     return model, {"zero_shot_test_accuracy": acc, "final_loss": model.final_loss}
 
 
+def _text_encoder_from_clip(clip):
+    """The text tower of a trained CLIPModel as a stand-alone CLIPTextModel (what StableDiffusionPipeline takes)."""
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel(clip.config.text_config)
+    src = {k[len("text_model."):]: v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+    if not set(src) & set(text.state_dict()):  # transformers < 5 wraps the tower in a `text_model` attribute
+        src = {f"text_model.{k}": v for k, v in src.items()}
+    text.load_state_dict(src)
+    ids = torch.arange(6)[None] + 300
+    with torch.no_grad():
+        if not torch.equal(text(input_ids=ids).last_hidden_state, clip.text_model(input_ids=ids).last_hidden_state):
+            raise RuntimeError("text encoder extracted from digits-clip does not reproduce its text tower")
+    return text.eval()
+
+
 def _encode_latents(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         post = vae.encode(images).latent_dist
@@ -358,11 +374,7 @@ def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, second
     elif name == "digits-ddpm":
         DDPMPipeline(unet=copy.deepcopy(model).to(half), scheduler=sampling_scheduler("ddpm")).save_pretrained(tmp)
     elif name == "digits-sd":
-        from transformers import CLIPTextModel
-
-        clip = load("digits-clip")
-        text = CLIPTextModel(clip.config.text_config)
-        text.text_model.load_state_dict(clip.text_model.state_dict())
+        text = _text_encoder_from_clip(load("digits-clip"))
         pipe = StableDiffusionPipeline(
             vae=load("digits-vae"), text_encoder=text, tokenizer=load_tokenizer(), unet=copy.deepcopy(model),
             scheduler=sampling_scheduler("sd"), safety_checker=None, feature_extractor=None,
@@ -413,8 +425,12 @@ TRAINERS = {
 TRAIN_ORDER = ["digits-features", "digits-vae", "digits-clip", "digits-sd", "digits-dit", "digits-ddpm"]
 
 
-def train(name: str, iterations: int | None = None, out_root: str | Path | None = None, threads: int = 2) -> Path:
-    """Train one zoo entry from scratch and write it (weights + card.json) into the zoo's weights folder."""
+def train(name: str, iterations: int | None = None, out_root: str | Path | None = None, threads: int = 2,
+          quality_samples: int = 500) -> Path:
+    """Train one zoo entry from scratch and write it (weights + card.json + README.md) into the zoo's weights folder.
+
+    Generators are then sampled (`quality_samples` images, 0 to skip) and scored; the result goes into the card.
+    """
     if name not in TRAINERS:
         raise KeyError(f"unknown trainable zoo entry {name!r}; trainable: {', '.join(TRAIN_ORDER)}")
     torch.set_num_threads(threads)
@@ -425,14 +441,21 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
     t0 = time.time()
     model, metrics = TRAINERS[name](s)
     seconds = time.time() - t0
-    path = _save_entry(name, model, metrics, s, seconds, Path(out_root) if out_root else weights_dir())
-    if name in ("digits-sd", "digits-dit", "digits-ddpm"):
+    root = Path(out_root) if out_root else weights_dir()
+    try:
+        path = _save_entry(name, model, metrics, s, seconds, root)
+    except Exception as exc:
+        rescue = root / f".{name}-unassembled"
+        model.save_pretrained(str(rescue))
+        raise RuntimeError(f"training of {name} finished but assembling the entry failed; the trained network is "
+                           f"saved in {rescue}") from exc
+    if quality_samples and name in ("digits-sd", "digits-dit", "digits-ddpm"):
         # Quality floor of what was written (float16-stored weights, loaded back as float32), into the card.
         from .quality import measure_quality
         from .registry import load_from
 
         pipe = load_from(name, path, torch.device("cpu"), torch.float32)
-        quality = measure_quality(name, n=500, steps=25, seed=0, pipe=pipe)
+        quality = measure_quality(name, n=quality_samples, steps=25, seed=0, pipe=pipe)
         card_file = path / "card.json"
         card = json.loads(card_file.read_text())
         card["quality"] = {**quality, "sampler": "shipped DDIMScheduler (eta=0)",

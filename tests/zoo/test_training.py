@@ -20,3 +20,15 @@ def test_zoo_train_is_seeded_and_writes_a_loadable_entry(tmp_path):
 def test_unknown_trainable_entry(capsys):
     assert main(["zoo", "train", "random-sd"]) == 2
     assert "trainable" in capsys.readouterr().err
+
+
+def test_every_pipeline_entry_assembles_and_loads(tmp_path):
+    """Two training iterations per generator, then the written folder loads as the stock pipeline and samples."""
+    from diffaccel.zoo.registry import load_from
+
+    for name, cls in [("digits-sd", "StableDiffusionPipeline"), ("digits-dit", "DiTPipeline"),
+                      ("digits-ddpm", "DDPMPipeline")]:
+        assert main(["zoo", "train", name, "--iterations", "2", "--out", str(tmp_path), "--quality-samples", "0"]) == 0
+        pipe = load_from(name, tmp_path / name, torch.device("cpu"), torch.float32)
+        assert type(pipe).__name__ == cls
+        assert (tmp_path / name / "README.md").read_text().startswith(f"# {name}")
