@@ -27,5 +27,8 @@ lint: $(STAMP)
 app: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m diffaccel.cli app
 
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m diffaccel.cli bench --threads 2
+
 clean-venv:
 	rm -rf $(VENV)

@@ -99,7 +99,7 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
 
         model = build_random(name)
         return model.to(dev) if dt == torch.float32 else model.to(dev, dt)
-    kw = dict(torch_dtype=dt, local_files_only=True)
+    kw = dict(dtype=dt, local_files_only=True)
     if name == "digits-features":
         from .features import DigitsClassifier
 

@@ -1,0 +1,240 @@
+"""`diffaccel fid` and `diffaccel bench`.
+
+Exit codes: 0 ok; 2 bad input (missing/empty folder, no images, corrupt image, fewer than 2 images, bad `.npz`,
+unknown extractor or resize mode, statistics made with another extractor/resize, existing output without --force);
+3 feature-extractor or zoo weights missing. Results go to stdout, progress and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import EvalInputError, FeatureExtractorWeightsInvalid, FeatureExtractorWeightsNotFound
+from .images import RESIZE_MODES
+
+_EXPECTED_ERRORS = (EvalInputError, FeatureExtractorWeightsNotFound, FeatureExtractorWeightsInvalid)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fid", help="FID (and KID) between two image folders or .npz statistics",
+        description="FID between PATH_A and PATH_B, each a folder of images (png/jpg/jpeg/webp/bmp, sorted) or an "
+                    ".npz of statistics (pytorch-fid compatible). With --save-stats, the statistics of PATH_A are "
+                    "written to OUT.npz (PATH_B may then be omitted). Mixed image sizes are accepted: every image is "
+                    "resized to the extractor's size by --resize. Exit codes: 0 ok, 2 bad input, 3 missing weights.")
+    p.add_argument("path_a", metavar="PATH_A", help="folder of images or .npz statistics (the evaluated set)")
+    p.add_argument("path_b", metavar="PATH_B", nargs="?", default=None,
+                   help="folder of images or .npz statistics (the reference set)")
+    p.add_argument("--extractor", default="digits",
+                   help="digits (zoo digits-features, offline default), inception (needs the FID Inception "
+                        "weights), clip (zoo digits-clip) or clip:<folder>")
+    p.add_argument("--resize", default="clean", choices=RESIZE_MODES, help="resize mode (default clean)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default 0)")
+    p.add_argument("--recursive", action="store_true", help="also search sub-folders for images")
+    p.add_argument("--save-stats", type=Path, default=None, metavar="OUT.npz",
+                   help="write the statistics of PATH_A to OUT.npz (atomically, after success)")
+    p.add_argument("--save-features", action="store_true",
+                   help="also store the raw features in OUT.npz (needed to reuse it for --kid)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --save-stats file")
+    p.add_argument("--kid", action="store_true", help="also compute KID (needs features: folders, or .npz files "
+                                                      "saved with --save-features)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--fid-method", default="eigh", choices=("eigh", "sqrtm", "eigvals"))
+    p.add_argument("--inception-weights", type=Path, default=None,
+                   help="path of pt_inception-2015-12-05-6726825d.pth (else $DIFFACCEL_INCEPTION_WEIGHTS, caches)")
+    p.add_argument("--clip-model", default="digits-clip",
+                   help="zoo CLIP entry or local CLIP folder for --extractor clip")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or log lines on stderr")
+    p.set_defaults(func=cmd_fid)
+
+    b = sub.add_parser(
+        "bench", help="run a suite of pipeline configurations through the evaluation harness",
+        description="Generate images for each configuration of a suite with the same seeds and report images/s, "
+                    "seconds/image, NFE, FLOPs, FID/KID (domain: digits-features) vs the zoo test split, "
+                    "prompted-class accuracy and CLIP score. Exit codes: 0 ok, 2 bad input, 3 missing weights.")
+    b.add_argument("--suite", default="baseline", help="suite name (see --list; default baseline)")
+    b.add_argument("--config", action="append", default=None, metavar="NAME",
+                   help="run only the configurations whose name starts with NAME (repeatable)")
+    b.add_argument("-n", "--num-images", type=int, default=200)
+    b.add_argument("--steps", type=int, default=None, help="sampling steps (default: the suite's)")
+    b.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default min(n, 50))")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting call (a plain warm-up instead)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--list", action="store_true", help="list the suites and their configurations, then exit")
+    b.add_argument("--json", action="store_true", help="print {'results': [...]} as JSON on stdout")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    b.set_defaults(func=cmd_bench)
+
+
+def _log(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _is_npz(path: str) -> bool:
+    return Path(path).suffix.lower() == ".npz"
+
+
+def _one_line_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the evals' expected errors into `error: <message>` on stderr and their exit code (2 or 3)."""
+
+    @functools.wraps(run)
+    def command(args: argparse.Namespace) -> int:
+        if getattr(args, "quiet", False):
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as hf_logging
+
+            for lib in (hf_logging, diffusers_logging):
+                lib.set_verbosity_error()
+                lib.disable_progress_bar()
+        try:
+            return run(args)
+        except _EXPECTED_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+
+    return command
+
+
+@_one_line_errors
+def cmd_fid(args) -> int:
+    from ..core import resolve_device
+    from .extractors import load_extractor
+    from .metrics import features_from_folder, fid_from_stats, kid
+    from .stats import check_compatible, load_stats, save_stats
+
+    t0 = time.perf_counter()
+    if args.path_b is None and args.save_stats is None:
+        raise EvalInputError("give two inputs (PATH_A PATH_B), or one folder with --save-stats OUT.npz")
+    if args.save_stats is not None:
+        if _is_npz(args.path_a):
+            raise EvalInputError(f"--save-stats writes the statistics of a folder; PATH_A {args.path_a} is an .npz")
+        if args.save_stats.exists() and not args.force:
+            raise EvalInputError(f"{args.save_stats} exists; refusing to overwrite it (use --force)")
+        if args.save_stats.suffix != ".npz":
+            raise EvalInputError(f"{args.save_stats}: statistics files must end in .npz")
+    for flag in ("batch_size", "kid_subsets", "kid_subset_size"):
+        if getattr(args, flag) < 1:
+            raise EvalInputError(f"--{flag.replace('_', '-')} must be >= 1")
+    inputs = [("a", args.path_a)] + ([("b", args.path_b)] if args.path_b is not None else [])
+    for _, path in inputs:
+        if _is_npz(path) and not Path(path).is_file():
+            raise EvalInputError(f"{path}: no such statistics file")
+        if not _is_npz(path) and not Path(path).is_dir():
+            raise EvalInputError(f"{path}: no such folder" if not Path(path).exists()
+                                 else f"{path}: not a folder of images or an .npz of statistics")
+
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        extractor = None
+        stats, info = {}, {}
+        for tag, path in inputs:
+            if _is_npz(path):
+                stats[tag] = load_stats(path)
+                info[tag] = {"kind": "npz", "path": str(path), "n": stats[tag].n}
+                _log(args, f"[fid] {tag}: {path}: statistics of {stats[tag].n} images ({stats[tag].extractor})")
+                continue
+            if extractor is None:
+                device = resolve_device(args.device)
+                extractor = load_extractor(args.extractor, resize=args.resize, device=device,
+                                           inception_weights=args.inception_weights, clip_model=args.clip_model)
+                _log(args, f"[fid] extractor {extractor.name} (d={extractor.num_features}, resize={extractor.resize})"
+                           f" on {device}")
+            feats = features_from_folder(extractor, path, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         recursive=args.recursive, keep_features=args.kid or args.save_features,
+                                         progress=not args.quiet and sys.stderr.isatty())
+            caught.extend(feats.warnings)
+            if feats.stats.n < 2:
+                raise EvalInputError(f"{path}: {feats.stats.n} image(s); FID needs at least 2")
+            feats.stats.warn_if_rank_deficient(str(path))
+            stats[tag] = feats.reference()
+            info[tag] = {"kind": "folder", "path": str(path), "n": feats.stats.n}
+            _log(args, f"[fid] {tag}: {path}: {feats.stats.n} images")
+
+        result: dict = {}
+        if "b" in stats:
+            check_compatible(stats["a"], stats["b"])
+            result["fid"] = fid_from_stats(stats["a"], stats["b"], method=args.fid_method)
+            if args.kid:
+                for tag in ("a", "b"):
+                    if stats[tag].feats is None:
+                        raise EvalInputError(f"{info[tag]['path']}: no 'feats' stored for KID; re-create it with "
+                                             "--save-stats OUT.npz --save-features")
+                k = kid(stats["a"].feats, stats["b"].feats, subsets=args.kid_subsets,
+                        subset_size=args.kid_subset_size, seed=args.seed)
+                result.update(kid_mean=k.mean, kid_std=k.std, kid_subsets=k.subsets, kid_subset_size=k.subset_size)
+        if args.save_stats is not None:
+            a = stats["a"]
+            if not args.save_features:
+                a.feats = None
+            save_stats(args.save_stats, a, force=args.force)
+            _log(args, f"[fid] statistics of {args.path_a} written to {args.save_stats}")
+            result["saved_stats"] = str(args.save_stats)
+    caught.extend(str(r.message) for r in records)
+    for msg in caught:
+        _log(args, f"warning: {msg}")
+
+    ref = stats["a"]
+    result.update(extractor=ref.extractor, extractor_sha256=ref.extractor_sha256, dims=ref.dims, resize=ref.resize,
+                  n_a=stats["a"].n, n_b=stats["b"].n if "b" in stats else None, fid_method=args.fid_method,
+                  inputs=info, seed=args.seed, elapsed_s=round(time.perf_counter() - t0, 3), warnings=caught)
+    if args.json:
+        print(json.dumps(result))
+    elif "fid" in result:
+        line = (f"FID: {result['fid']:.4f} (n_a={result['n_a']}, n_b={result['n_b']}, extractor={result['extractor']}, "
+                f"resize={result['resize']})")
+        if "kid_mean" in result:
+            line += (f"\nKID: {result['kid_mean']:.6f} +- {result['kid_std']:.6f} "
+                     f"(subsets of {result['kid_subset_size']})")
+        print(line)
+    return 0
+
+
+@_one_line_errors
+def cmd_bench(args) -> int:
+    import torch
+
+    from .harness import DEFAULT_STEPS, SUITES, format_table, missing_requirements, run_bench
+
+    if args.list:
+        for name, builder in SUITES.items():
+            print(f"{name}: " + "; ".join(c.name for c in builder(DEFAULT_STEPS[name])))
+        return 0
+    if args.suite not in SUITES:
+        raise EvalInputError(f"unknown suite {args.suite!r}; available: {', '.join(SUITES)}")
+    if args.num_images < 2:
+        raise EvalInputError("--num-images must be >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = SUITES[args.suite](args.steps or DEFAULT_STEPS[args.suite])
+    if args.config:
+        configs = [c for c in configs if any(c.name.startswith(prefix) for prefix in args.config)]
+        if not configs:
+            raise EvalInputError(f"no configuration of suite {args.suite!r} starts with {args.config}")
+    missing = missing_requirements(configs)
+    if missing:
+        from ..zoo import ZooError
+
+        raise ZooError(f"suite {args.suite!r} needs zoo weights that are missing: {', '.join(missing)}; "
+                       f"run `diffaccel zoo train <name>` for each")
+    kwargs = {"batch_size": args.batch_size, "count_flops": not args.no_flops}
+    results = run_bench(configs, args.num_images, args.seed, progress=not args.quiet, **kwargs)
+    if args.json:
+        print(json.dumps({"suite": args.suite, "results": [r.as_dict() for r in results]}))
+    else:
+        print(format_table(results))
+    return 0

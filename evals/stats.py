@@ -1,0 +1,128 @@
+"""Reference statistics as `.npz`: pytorch-fid's `mu` / `sigma` plus provenance metadata (evals spec §6).
+
+pytorch-fid and clean-fid read only `mu` and `sigma`; the extra keys (`n`, `extractor`, `extractor_sha256`, `dims`,
+`resize`, `source`, `toolkit_version`, `created_utc`, optional `feats`) are plain arrays, so
+`np.load(path, allow_pickle=False)` works. Files are written atomically (temp file, then rename) and an existing file
+is only replaced with `force=True`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EvalInputError, StatsMismatchError
+from .frechet import FeatureStats
+
+UNKNOWN_EXTRACTOR = "unknown (assumed inception-tf pool3)"
+
+
+@dataclass
+class ReferenceStats:
+    """Gaussian statistics of one image set, with what made them."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    extractor: str
+    dims: int
+    resize: str
+    extractor_sha256: str = ""
+    source: str = ""
+    feats: np.ndarray | None = None
+
+    @classmethod
+    def from_features(cls, stats: FeatureStats, describe: dict, source: str = "") -> ReferenceStats:
+        return cls(mu=stats.mu, sigma=stats.sigma, n=stats.n, extractor=describe["extractor"],
+                   dims=int(describe["dims"]), resize=describe["resize"],
+                   extractor_sha256=describe.get("extractor_sha256", ""), source=source, feats=stats.features)
+
+    def metadata(self) -> dict:
+        return {"extractor": self.extractor, "extractor_sha256": self.extractor_sha256, "dims": self.dims,
+                "resize": self.resize, "n": self.n}
+
+
+def check_compatible(a: ReferenceStats, b: ReferenceStats) -> None:
+    """Refuse to compare statistics made with a different extractor, dims or resize mode."""
+    for key in ("extractor", "dims", "resize"):
+        va, vb = getattr(a, key), getattr(b, key)
+        if UNKNOWN_EXTRACTOR in (a.extractor, b.extractor) and key != "dims":
+            continue
+        if va != vb:
+            raise StatsMismatchError(f"statistics differ in {key}: {va!r} vs {vb!r}; recompute one side with the "
+                                     f"same {key}")
+    if a.extractor_sha256 and b.extractor_sha256 and a.extractor_sha256 != b.extractor_sha256:
+        raise StatsMismatchError(f"statistics were made with different {a.extractor} weights "
+                                 f"(sha256 {a.extractor_sha256[:12]} vs {b.extractor_sha256[:12]})")
+
+
+def save_stats(path: str | os.PathLike, stats: ReferenceStats, *, force: bool = False) -> Path:
+    """Write `stats` to `path` (.npz) atomically; refuses to overwrite unless `force`."""
+    from .. import __version__ as toolkit_version  # noqa: PLC0415 - avoid import cycle at module import
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise EvalInputError(f"{path}: statistics files must end in .npz")
+    if path.exists() and not force:
+        raise EvalInputError(f"{path} exists; refusing to overwrite it (use --force / force=True)")
+    if not path.parent.exists():
+        raise EvalInputError(f"{path.parent}: output folder does not exist")
+    arrays = {
+        "mu": np.asarray(stats.mu, np.float64), "sigma": np.asarray(stats.sigma, np.float64),
+        "n": np.int64(stats.n), "dims": np.int64(stats.dims), "extractor": np.str_(stats.extractor),
+        "extractor_sha256": np.str_(stats.extractor_sha256), "resize": np.str_(stats.resize),
+        "source": np.str_(stats.source), "toolkit_version": np.str_(toolkit_version),
+        "created_utc": np.str_(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+    }
+    if stats.feats is not None:
+        arrays["feats"] = np.asarray(stats.feats, np.float32)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=f".{path.stem}-", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_stats(path: str | os.PathLike) -> ReferenceStats:
+    """Read an `.npz` written by `save_stats`, pytorch-fid or clean-fid; wrong keys or shapes raise EvalInputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: no such statistics file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise EvalInputError(f"{path}: not a readable .npz file ({exc})") from exc
+    missing = [k for k in ("mu", "sigma") if k not in data]
+    if missing:
+        raise EvalInputError(f"{path}: missing key(s) {', '.join(missing)}; found {', '.join(sorted(data)) or 'none'}")
+    mu, sigma = data["mu"], data["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise EvalInputError(f"{path}: mu must be (d,) and sigma (d, d); got {mu.shape} and {sigma.shape}")
+    if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+        raise EvalInputError(f"{path}: mu and sigma must be floating point, got {mu.dtype} and {sigma.dtype}")
+    d = int(mu.shape[0])
+    feats = data.get("feats")
+    if feats is not None and (feats.ndim != 2 or feats.shape[1] != d):
+        raise EvalInputError(f"{path}: feats must be (n, {d}), got {feats.shape}")
+    if "dims" in data and int(data["dims"]) != d:
+        raise EvalInputError(f"{path}: dims={int(data['dims'])} but mu has {d} entries")
+    if "extractor" not in data:
+        warnings.warn(f"{path}: no metadata; assuming pytorch-fid statistics (Inception pool3)", stacklevel=2)
+    n = int(data["n"]) if "n" in data else (int(feats.shape[0]) if feats is not None else 0)
+    return ReferenceStats(
+        mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n,
+        extractor=str(data.get("extractor", UNKNOWN_EXTRACTOR)), dims=d,
+        resize=str(data.get("resize", "legacy-pytorch" if "extractor" not in data else "")),
+        extractor_sha256=str(data.get("extractor_sha256", "")), source=str(data.get("source", "")), feats=feats)
