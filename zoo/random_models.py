@@ -138,6 +138,12 @@ def build_random(name: str):
     state = torch.random.get_rng_state()
     torch.manual_seed(SEED)
     try:
-        return BUILDERS[name]()
+        built = BUILDERS[name]()
     finally:
         torch.random.set_rng_state(state)
+    # Inference objects: eval mode everywhere (DiT's label embedding would otherwise drop class labels at random).
+    modules = built.components.values() if hasattr(built, "components") else [built]
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    return built

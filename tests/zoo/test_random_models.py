@@ -27,3 +27,12 @@ def test_full_size_configs_have_the_published_parameter_counts(name, expected):
         model = BUILDERS[name]()
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - expected) / expected < 0.005, n
+
+
+def test_random_pipelines_are_in_eval_mode_and_deterministic():
+    pipe = zoo.load("random-dit")
+    pipe.set_progress_bar_config(disable=True)
+    assert not pipe.transformer.training and not pipe.vae.training
+    a = pipe([1, 2], num_inference_steps=3, generator=make_generators(0, 2), output_type="np").images
+    b = pipe([1, 2], num_inference_steps=3, generator=make_generators(0, 2), output_type="np").images
+    assert (a == b).all()

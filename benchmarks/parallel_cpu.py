@@ -1,0 +1,84 @@
+"""CPU benchmark of patch parallelism on 2 and 4 gloo processes (see benchmarks/results/parallel.md).
+
+Per model and mode: per-call agreement with the single-device denoiser (replaying the calls of a single-device
+sampling run), bytes per call per kind summed over ranks, and overlap: time per displaced call with asynchronous
+transfers vs compute only (transfers skipped) vs blocking transfers; hidden fraction = 1 - exposed / total
+communication time. The gloo processes share the machine's cores, so wall-clock speedups are not meaningful here.
+
+    python benchmarks/parallel_cpu.py --world 2 4 --out benchmarks/results/parallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / 1024:.1f} KiB" if b < 1024 ** 2 else f"{b / 1024 ** 2:.2f} MiB"
+
+
+def to_markdown(results: list[dict], args) -> str:
+    lines = [f"Command: `python benchmarks/parallel_cpu.py --world {' '.join(map(str, args.world))} "
+             f"--setups {' '.join(args.setups)} --steps {args.steps} --warmup {args.warmup} "
+             f"--fraction {args.fraction} --repeats {args.repeats}`", "",
+             "| model | latent | N | mode | max rel. err per call | bytes/call, all ranks (attn / halo / GN / out) "
+             "| PCPP / displaced bytes | s/call async | compute only | blocking | hidden |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        modes = res["modes"]
+        disp_total = sum(modes.get("displaced", {}).get("bytes_per_call_by_kind_all_ranks", {}).values()) or None
+        for mode, row in modes.items():
+            lat = "x".join(map(str, res["latent_hw"]))
+            if "error" in row:
+                lines.append(f"| {res['setup']} | {lat} | {res['world']} | {mode} | refused: {row['error']} "
+                             "| | | | | | |")
+                continue
+            k = row["bytes_per_call_by_kind_all_ranks"]
+            total = sum(k.values())
+            kinds = " / ".join(fmt_bytes(k[x]) for x in ("attn_kv", "conv_halo", "gn_stats", "output"))
+            ratio = f"{total / disp_total:.2f}" if mode == "pcpp" and disp_total else ""
+            t = row.get("seconds_per_displaced_call")
+            timing = (f"{t['async']:.4f} | {t['compute_only']:.4f} | {t['blocking']:.4f} | "
+                      f"{row['hidden_fraction']:.0%}" if t and row["hidden_fraction"] is not None else "| | |")
+            lines.append(f"| {res['setup']} | {lat} | {res['world']} | {mode} | {row['max_rel_err_per_call']:.2e} "
+                         f"| {fmt_bytes(total)} ({kinds}) | {ratio} | {timing} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--setups", nargs="+", default=["random-sd", "random-dit", "digits-sd"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--fraction", type=float, default=0.3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/parallel"))
+    args = p.parse_args()
+
+    from diffaccel.parallel import _bench
+    from diffaccel.parallel.testing import run_distributed
+
+    results = []
+    for world in args.world:
+        print(f"world {world} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        res = run_distributed(_bench.bench, world, args.setups, args.steps, args.warmup, args.fraction,
+                              args.repeats, timeout_s=3600)
+        print(f"  {time.time() - t0:.0f} s", file=sys.stderr)
+        results += res[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}", "results": results}
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+    md = to_markdown(results, args)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
