@@ -1,0 +1,66 @@
+"""Feature caching for diffusers denoisers, as `diffusers.hooks` on the stock models (spec: specs/caching.md).
+
+* Encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024) for UNet2DModel / UNet2DConditionModel:
+  `apply_encoder_propagation(unet_or_pipe, EncoderPropagationConfig(...))`, `remove_encoder_propagation(...)`.
+* Shared machinery (step tracking, per-generation reset, batch helpers): `caching.hooks`;
+  `cache_session(pipe)` / `cached_call(pipe, **kwargs)` reset caches around a call.
+"""
+
+from .encoder_propagation import (
+    CONTROLNET_HOOK,
+    DENOISER_HOOK,
+    ENCODER_HOOK,
+    EncoderPropagationConfig,
+    EncoderPropagationCounters,
+    NoiseInjection,
+    PriorNoiseInjection,
+    apply_encoder_propagation,
+    encoder_propagation_counters,
+    last_noise_injection,
+    remove_encoder_propagation,
+    sample_initial_noise,
+)
+from .hooks import CachedPipeline, StepTracker, ToolkitHook, cache_session, cached_call, reset_caches
+from .key_steps import (
+    SD50_KEY_STEPS,
+    KeyStepSchedule,
+    explicit,
+    flops_ratio_limit,
+    get_schedule,
+    measure_encoder_drift,
+    schedule_from_drift,
+    sd50,
+    sd50_scaled,
+    uniform,
+)
+
+__all__ = [
+    "CONTROLNET_HOOK",
+    "CachedPipeline",
+    "DENOISER_HOOK",
+    "ENCODER_HOOK",
+    "SD50_KEY_STEPS",
+    "EncoderPropagationConfig",
+    "EncoderPropagationCounters",
+    "KeyStepSchedule",
+    "NoiseInjection",
+    "PriorNoiseInjection",
+    "StepTracker",
+    "ToolkitHook",
+    "apply_encoder_propagation",
+    "cache_session",
+    "cached_call",
+    "encoder_propagation_counters",
+    "explicit",
+    "flops_ratio_limit",
+    "get_schedule",
+    "last_noise_injection",
+    "measure_encoder_drift",
+    "remove_encoder_propagation",
+    "reset_caches",
+    "sample_initial_noise",
+    "schedule_from_drift",
+    "sd50",
+    "sd50_scaled",
+    "uniform",
+]
