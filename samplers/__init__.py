@@ -1,0 +1,24 @@
+"""Samplers: the PNDM family and the Time-Shift sampler as drop-in diffusers schedulers.
+
+    pipe.scheduler = PseudoNumericalScheduler.from_config(pipe.scheduler.config, method="f-pndm")
+    pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window=30, cutoff=300)  # wraps it
+
+`num_inference_steps` counts transitions; `len(pipe.scheduler.timesteps)` is the number of model calls
+(`nfe_for(method, n)`; `transitions_for_nfe(method, nfe)` inverts it).
+"""
+
+from .pndm import METHODS, PseudoNumericalScheduler, nfe_for, transitions_for_nfe
+from .time_shift import TimeShiftScheduler, sample_time_shift_paper, select_shift
+from .transfer import make_grid, transfer
+
+__all__ = [
+    "METHODS",
+    "PseudoNumericalScheduler",
+    "TimeShiftScheduler",
+    "make_grid",
+    "sample_time_shift_paper",
+    "nfe_for",
+    "select_shift",
+    "transfer",
+    "transitions_for_nfe",
+]

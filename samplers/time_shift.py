@@ -1,0 +1,360 @@
+"""Time-Shift sampler (Li et al., "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time
+Steps", ICLR 2024) as a wrapper around any VP diffusers scheduler.
+
+Selection rule (paper Alg. 3 / Thm. 3.1, spec §2.1): for each sample, take the time in a window whose marginal
+noise variance `1 - A[τ]` is closest to the sample's own variance. Default "target" mode (spec §2.5; the committed
+TS-DPM `PNMSolver` code behind the paper's Table 1): from the second transition on, while the nominal target time
+exceeds `cutoff`, the transition lands on level `A[s]` instead of `A[j]`, with `s` chosen from the variance of the
+incoming state in a window centred on the nominal target `j`. The model is always called at nominal times, so it
+works inside stock pipelines; history is unchanged.
+
+How the target is moved:
+
+* `PseudoNumericalScheduler` base: natively (its transfers use `A[s]`, PRK stage targets included) — equals
+  TS-DPM for DDIM, S-PNDM and the PLMS part of F-PNDM. F-PNDM's shifted PRK warm-up transitions keep the stage
+  *model times* nominal (a pipeline feeds precomputed times); TS-DPM moves them to `(t+s)/2` and `s`.
+* diffusers DDIM / DDPM / DPM-Solver(++) multistep / UniPC / DEIS: the base step's output `x_j` is moved along the
+  DDIM ray through `(x_i, x_j)` (the unique eps, x0 pair consistent with both points) to level `A[s]`. Exact for
+  DDIM; for DPM-Solver++ it equals a step to `s` with the same data estimate. For DDPM the injected noise rides
+  along the ray. UniPC's corrector recomputes the state from the previous sample at the next step, so there the
+  shift mostly acts on the model input of the next call.
+
+`window=0` (or `cutoff >= num_train_timesteps - 1`) is an exact no-op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+
+from .pndm import PseudoNumericalScheduler
+from .transfer import transfer, transfer_coefficients
+
+#: base classes the wrapper understands (single-evaluation VP schedulers, plus our PNDM family)
+SUPPORTED_BASES = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "PseudoNumericalScheduler",
+)
+_SIGMA_BASES = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+
+
+def select_shift(
+    sample: torch.Tensor,
+    center: int,
+    window: int,
+    alphas_cumprod: torch.Tensor,
+    halfwidth_rule: str = "floor_half",
+) -> torch.Tensor:
+    """Per-sample shifted time (spec §2.1): argmin over τ in the window of `(var(x_b) - (1 - A[τ]))^2`.
+
+    `var` is the unbiased variance of all entries of each sample, in float32; the window is
+    `[max(0, c - h), min(T - 1, c + h)]` with `h = window // 2` (``floor_half``) or `window` (``full``, the DEIS
+    wrapper); ties go to the smallest τ. Returns an int64 tensor of shape (B,) on CPU.
+    """
+    h = window // 2 if halfwidth_rule == "floor_half" else window
+    big_t = len(alphas_cumprod)
+    lo, hi = max(0, center - h), min(big_t - 1, center + h)
+    cand = torch.arange(lo, hi + 1, dtype=torch.int64)
+    var = sample.detach().to(torch.float32).flatten(1).var(dim=1).cpu().to(torch.float64)
+    levels = 1 - alphas_cumprod.detach().cpu().to(torch.float64)[cand]
+    # torch.argmin returns the first minimal index, i.e. the smallest τ on ties
+    return cand[((var[:, None] - levels[None, :]) ** 2).argmin(dim=1)]
+
+
+def _resolve_class(name: str) -> type:
+    if name == "PseudoNumericalScheduler":
+        return PseudoNumericalScheduler
+    if name not in SUPPORTED_BASES:
+        raise ValueError(
+            f"TimeShiftScheduler cannot wrap {name!r}; supported base schedulers: {', '.join(SUPPORTED_BASES)}"
+        )
+    return getattr(importlib.import_module("diffusers"), name)
+
+
+def _infer_class_name(cfg: dict[str, Any]) -> str:
+    """The supported scheduler whose constructor arguments all appear in the config (configs built in code carry
+    no `_class_name`; a config also keeps foreign keys it was converted from, so match by inclusion and prefer the
+    class with the most arguments)."""
+    keys = {k for k in cfg if not k.startswith("_")}
+    params = {n: set(inspect.signature(_resolve_class(n).__init__).parameters) - {"self"} for n in SUPPORTED_BASES}
+    hits = sorted((n for n in SUPPORTED_BASES if params[n] <= keys), key=lambda n: -len(params[n]))
+    if not hits or (len(hits) > 1 and len(params[hits[0]]) == len(params[hits[1]])):
+        raise ValueError(
+            "cannot tell which scheduler this config belongs to; pass base_class=<one of "
+            f"{', '.join(SUPPORTED_BASES)}> or use TimeShiftScheduler.wrap(scheduler, ...)"
+        )
+    return hits[0]
+
+
+def _json_clean(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, np.ndarray | torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
+    """Wrap a scheduler with the Time-Shift sampler. Swap into a pipeline with
+    ``pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window=30, cutoff=300)`` (keeps the
+    pipeline's scheduler as base) or ``TimeShiftScheduler.wrap(PseudoNumericalScheduler(...), window=...)``.
+
+    Args:
+        base_class: class name of the wrapped scheduler (see `SUPPORTED_BASES`).
+        base_config: its config (saved with `save_pretrained`, so a round trip rebuilds the same base).
+        window: window size `w`; 0 disables shifting (exact no-op).
+        cutoff: shift only transitions whose nominal target time is strictly above this time.
+        halfwidth_rule: ``floor_half`` (h = w // 2, Table-1 code) or ``full`` (h = w, DEIS wrapper).
+        variance_source: ``sample`` (the incoming state, Table-1 code) or ``model_output`` (the official
+            DPM-Solver wrapper measures the variance of the model output).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+
+    @register_to_config
+    def __init__(
+        self,
+        base_class: str = "DDIMScheduler",
+        base_config: dict[str, Any] | None = None,
+        window: int = 0,
+        cutoff: int = 1000,
+        halfwidth_rule: str = "floor_half",
+        variance_source: str = "sample",
+    ):
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        if halfwidth_rule not in ("floor_half", "full"):
+            raise ValueError(f"halfwidth_rule must be 'floor_half' or 'full', got {halfwidth_rule!r}")
+        if variance_source not in ("sample", "model_output"):
+            raise ValueError(f"variance_source must be 'sample' or 'model_output', got {variance_source!r}")
+        base_cls = _resolve_class(base_class)
+        self.base = base_cls.from_config(dict(base_config or {}))
+        self._check_base(self.base)
+        self._k = 0  # transitions completed (generic bases: one step() call each)
+        self.last_shift: torch.Tensor | None = None  # per-sample target times chosen at the latest step
+
+    @staticmethod
+    def _check_base(base: SchedulerMixin) -> None:
+        name = type(base).__name__
+        if name not in SUPPORTED_BASES:
+            raise ValueError(f"TimeShiftScheduler cannot wrap {name}; supported: {', '.join(SUPPORTED_BASES)}")
+        pred = base.config.get("prediction_type", "epsilon")
+        if pred not in ("epsilon", "v_prediction"):
+            raise ValueError(f"TimeShiftScheduler needs an epsilon or v_prediction base, got prediction_type={pred!r}")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """From a TimeShiftScheduler config, or from any supported scheduler's config (that scheduler becomes the
+        base; pass ``base_class=`` to pick another base and ``base_kwargs={...}`` to override its config)."""
+        cfg = dict(config or {})
+        if cfg.get("_class_name") == cls.__name__ or "base_config" in cfg:
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        name = kwargs.pop("base_class", None) or cfg.get("_class_name") or _infer_class_name(cfg)
+        base_cls = _resolve_class(name)
+        base = base_cls.from_config(config, **kwargs.pop("base_kwargs", {}))
+        obj = cls.wrap(base, **kwargs)
+        return (obj, {}) if return_unused_kwargs else obj
+
+    @classmethod
+    def wrap(cls, base: SchedulerMixin, **ts_kwargs) -> TimeShiftScheduler:
+        """Wrap a scheduler: a fresh base is built from `base`'s config (constructor keys only; runtime state such
+        as an earlier `set_timesteps` is not carried over)."""
+        name = type(base).__name__
+        params = set(inspect.signature(_resolve_class(name).__init__).parameters)
+        config = {k: v for k, v in _json_clean(dict(base.config)).items() if k in params}
+        return cls(base_class=name, base_config=config, **ts_kwargs)
+
+    # ------------------------------------------------------------------ delegation
+
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.base.timesteps
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.base.init_noise_sigma
+
+    @property
+    def order(self) -> int:
+        return self.base.order
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        self.base.set_timesteps(*args, **kwargs)
+        self._k = 0
+        self.last_shift = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        return self.base.scale_model_input(sample, timestep)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return self.base.add_noise(original_samples, noise, timesteps)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    # ------------------------------------------------------------------ stepping
+
+    def _active(self) -> bool:
+        big_t = self.base.config.num_train_timesteps
+        return self.config.window > 0 and self.config.cutoff < big_t - 1
+
+    def _select(self, sample: torch.Tensor, model_output: torch.Tensor, center: int) -> torch.Tensor:
+        src = model_output if self.config.variance_source == "model_output" else sample
+        return select_shift(src, center, self.config.window, self.base.alphas_cumprod, self.config.halfwidth_rule)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        **kwargs,
+    ) -> SchedulerOutput | tuple:
+        """Base step with the target level moved to the variance-matched time (see module docstring).
+        `eta`, `generator` and other kwargs are forwarded when the base's `step` accepts them."""
+        if eta is not None:
+            kwargs["eta"] = eta
+        if generator is not None:
+            kwargs["generator"] = generator
+        params = inspect.signature(self.base.step).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        if isinstance(self.base, PseudoNumericalScheduler):
+            return self._step_pndm(model_output, timestep, sample, return_dict, kwargs)
+        return self._step_generic(model_output, timestep, sample, return_dict, kwargs)
+
+    def _step_pndm(self, model_output, timestep, sample, return_dict, kwargs):
+        base: PseudoNumericalScheduler = self.base
+        if self._active() and base.num_inference_steps is not None and base._counter < len(base._plan):
+            k, stage, _, tgt = base.next_evaluation()
+            if stage == 0:
+                shift = None
+                if k >= 1 and tgt > self.config.cutoff:  # never the first transition; cutoff strict, nominal
+                    shift = self._select(sample, model_output, tgt)
+                base.set_target_times(shift)
+                self.last_shift = shift
+        return base.step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
+
+    def _levels(self, timestep: int) -> tuple[float, float, int]:
+        """(A at the source, A at the nominal target, nominal target time) of the generic base's next step."""
+        base = self.base
+        name = type(base).__name__
+        if name in _SIGMA_BASES:
+            k = self._k
+            s_i, s_j = float(base.sigmas[k]), float(base.sigmas[k + 1])
+            tgt = int(base.timesteps[k + 1]) if k + 1 < len(base.timesteps) else -1
+            return 1 / (1 + s_i**2), 1 / (1 + s_j**2), tgt
+        acp = base.alphas_cumprod
+        if name == "DDPMScheduler":
+            tgt = int(base.previous_timestep(timestep))
+            final = 1.0
+        else:  # DDIM: diffusers steps to t - T // N
+            tgt = timestep - base.config.num_train_timesteps // base.num_inference_steps
+            final = float(base.final_alpha_cumprod)
+        return float(acp[timestep]), (float(acp[tgt]) if tgt >= 0 else final), tgt
+
+    def _step_generic(self, model_output, timestep, sample, return_dict, kwargs):
+        t = int(timestep)
+        shift = None
+        if self._active() and self._k >= 1:
+            a_i, a_j, tgt = self._levels(t)
+            if tgt > self.config.cutoff:
+                shift = self._select(sample, model_output, tgt)
+        out = self.base.step(model_output, timestep, sample, return_dict=True, **kwargs)
+        prev = out.prev_sample
+        if shift is not None:
+            moved = shift != tgt
+            if bool(moved.any()) and a_i != a_j:
+                prev = self._along_ray(sample, prev, a_i, a_j, shift, moved)
+        self.last_shift = shift
+        self._k += 1
+        if not return_dict:
+            return (prev,)
+        out.prev_sample = prev
+        return out
+
+    def _along_ray(self, x_i, x_j, a_i: float, a_j: float, shift: torch.Tensor, moved: torch.Tensor):
+        """Move `x_j` (level a_j) to level A[shift] along the DDIM ray through (x_i, x_j): solve
+        x_j = φ(x_i, e; a_i -> a_j) for e, then return φ(x_i, e; a_i -> A[shift]) (PNDM Eq. 11)."""
+        a_i64, a_j64 = torch.tensor(a_i, dtype=torch.float64), torch.tensor(a_j, dtype=torch.float64)
+        c_x, c_e = transfer_coefficients(a_i64, a_j64)
+        dt = torch.float64 if x_i.dtype == torch.float64 else torch.float32
+        e_eff = (float(c_x) * x_i.to(dt) - x_j.to(dt)) / float(c_e)
+        a_s = self.base.alphas_cumprod.to(torch.float64)[shift]
+        x_s = transfer(x_i.to(dt), e_eff, a_i64, a_s)
+        mask = moved.to(x_j.device).reshape(-1, *([1] * (x_j.ndim - 1)))
+        return torch.where(mask, x_s.to(x_j.dtype), x_j)
+
+
+@torch.no_grad()
+def sample_time_shift_paper(
+    model,
+    x: torch.Tensor,
+    scheduler: PseudoNumericalScheduler,
+    num_inference_steps: int,
+    window: int,
+    cutoff: int,
+    *,
+    coeffs: str = "shifted",
+    halfwidth_rule: str = "floor_half",
+    callback=None,
+) -> torch.Tensor:
+    """TS-DDIM with the paper's *model-time* shift (Li et al. 2024, Algorithm 3), as our own sampling loop.
+
+    A stock pipeline cannot do this: the model must be called at a per-sample time `t_s`, so `model(x, t)` here
+    receives an int64 tensor of shape (B,). Per transition with nominal source `t` and target `t'`:
+    `e = model(x, t_in)` with `t_in = t_s` if set else `t`; `x' = φ(x, e; A[t_in] -> A[t'])` (``coeffs="shifted"``)
+    or `A[t] -> A[t']` (``"nominal"``, as the official DEIS wrapper); then, if `t > cutoff`, `t_s` is chosen from
+    `var(x')` in a window centred on `t'` (our reading of Alg. 3 for strided grids: the produced state's own
+    nominal time), otherwise cleared. The first transition always uses the nominal time. `callback` gets a dict
+    with `k`, `x`, `t_in` after every transition.
+    """
+    if scheduler.method != "ddim":
+        raise ValueError("sample_time_shift_paper implements Algorithm 3 for DDIM; build the scheduler with "
+                         "method='ddim'")
+    if coeffs not in ("shifted", "nominal"):
+        raise ValueError(f"coeffs must be 'shifted' or 'nominal', got {coeffs!r}")
+    scheduler.set_timesteps(num_inference_steps, device=x.device)
+    grid = scheduler.grid
+    t_in = torch.full((x.shape[0],), int(grid[0]), dtype=torch.int64)
+    for k, t in enumerate(grid):
+        tgt = scheduler._target(k)
+        e = model(x, t_in.to(x.device))
+        if scheduler.config.prediction_type == "v_prediction":
+            from .transfer import epsilon_from_v
+
+            e = epsilon_from_v(e, x, scheduler._level(t_in))
+        a_src = scheduler._level(t_in) if coeffs == "shifted" else scheduler._level(int(t))
+        x = transfer(x, e, a_src, scheduler._level(tgt))
+        if callback is not None:
+            callback({"k": k, "x": x, "t_in": t_in})
+        if window > 0 and int(t) > cutoff and tgt >= 0:
+            t_in = select_shift(x, tgt, window, scheduler.alphas_cumprod, halfwidth_rule)
+        else:
+            t_in = torch.full((x.shape[0],), max(tgt, 0), dtype=torch.int64)
+    return x
