@@ -8,10 +8,34 @@
 """
 
 from .pndm import METHODS, PseudoNumericalScheduler, nfe_for, transitions_for_nfe
+from .steering import (
+    CallableReward,
+    ClassifierReward,
+    CLIPReward,
+    CompressibilityReward,
+    FKConfig,
+    FKSteering,
+    Reward,
+    SteeringOutput,
+    best_of_n,
+    path_search,
+    zero_order_search,
+)
 from .time_shift import TimeShiftScheduler, sample_time_shift_paper, select_shift
 from .transfer import make_grid, transfer
 
 __all__ = [
+    "CLIPReward",
+    "CallableReward",
+    "ClassifierReward",
+    "CompressibilityReward",
+    "FKConfig",
+    "FKSteering",
+    "Reward",
+    "SteeringOutput",
+    "best_of_n",
+    "path_search",
+    "zero_order_search",
     "METHODS",
     "PseudoNumericalScheduler",
     "TimeShiftScheduler",

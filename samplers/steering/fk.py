@@ -1,0 +1,352 @@
+"""Feynman–Kac (FK) steering of diffusion samplers with particles and resampling.
+
+Singhal et al. 2025, "A General Framework for Inference-time Scaling and Steering of Diffusion Models", Algorithm 1:
+k particles per prompt follow the model's own stochastic transitions; at resampling events each particle gets a
+potential G_j built from the reward of its predicted clean sample x̂0, and particles are re-drawn in proportion to
+their weights. With the product condition ``Π_j G_j = exp(λ·r(x0))`` the weighted particles target
+``p(x0 | c)·exp(λ·r(x0, c))`` (eq. 3). Spec: ``specs/steering.md``.
+
+Two drivers share `ParticleSystem` (weights) and the rewards:
+
+* `StableDiffusionPipeline` runs *stock*: particles are its ``num_images_per_prompt`` batch, an
+  ``X0Recorder`` scheduler proxy keeps the step's ``pred_original_sample`` and ``callback_on_step_end`` scores it and
+  permutes ``latents`` within each prompt's block (spec §5.2).
+* `DiTPipeline` has no step callback and does not pass ``eta``/``generator`` to its scheduler, so it runs through
+  `sample_fk`, our k-diffusion-style loop over the pipeline's own components (`families.DiTFamily`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ...core import count_nfe
+from .families import DiTFamily, SDFamily, family_for, step_kwargs
+from .potentials import INTERMEDIATE_POTENTIALS, POTENTIALS, ParticleSystem, Potential, resampling_events
+from .resampling import RESAMPLERS, Resampler, flat_indices, normalize_log_weights
+from .rewards import Reward, as_reward, score
+
+_RESAMPLE_SEED_OFFSET = 0x5EED  # resampling stream derived from the diffusion seed without drawing from it
+
+
+@dataclass
+class FKConfig:
+    """FK steering settings; defaults are the paper's image setting (spec §7) with a textbook SMC weighting.
+
+    The resampling schedule is ``{start, start+every, …, ≤ end} ∪ {T−1}`` in step indices (or `resample_steps`).
+    `nan_policy="raise"` rejects a reward that returns NaN; ``"drop"`` gives such particles zero weight.
+    """
+
+    num_particles: int = 4
+    potential: Potential = "max"
+    lmbda: float = 10.0
+    resample_every: int = 20
+    resample_start: int = 20
+    resample_end: int | None = 80
+    resample_steps: Sequence[int] | None = None
+    adaptive: bool = False
+    ess_threshold: float = 0.5
+    resampler: Resampler = "multinomial"
+    reward_floor: float | None = None
+    compat: Literal["textbook", "reference"] = "textbook"
+    allow_deterministic: bool = False
+    resample_seed: int | None = None
+    nan_policy: Literal["raise", "drop"] = "raise"
+
+    def __post_init__(self) -> None:
+        if int(self.num_particles) != self.num_particles or self.num_particles < 1:
+            raise ValueError(f"num_particles (k) must be an integer >= 1, got {self.num_particles}")
+        if not self.lmbda >= 0:
+            raise ValueError(f"lmbda (λ) must be >= 0, got {self.lmbda}")
+        if self.potential not in POTENTIALS:
+            raise ValueError(f"unknown potential {self.potential!r}; valid: {', '.join(POTENTIALS)}")
+        if self.resampler not in RESAMPLERS:
+            raise ValueError(f"unknown resampler {self.resampler!r}; valid: {', '.join(RESAMPLERS)}")
+        if not 0 < self.ess_threshold <= 1:
+            raise ValueError(f"ess_threshold must be in (0, 1], got {self.ess_threshold}")
+        if self.compat not in ("textbook", "reference"):
+            raise ValueError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
+        if self.nan_policy not in ("raise", "drop"):
+            raise ValueError(f"nan_policy must be 'raise' or 'drop', got {self.nan_policy!r}")
+
+    def events(self, num_steps: int) -> list[int]:
+        return resampling_events(num_steps, self.resample_every, self.resample_start, self.resample_end,
+                                 self.potential, self.resample_steps)
+
+
+@dataclass
+class SteeringOutput:
+    """All k particles per prompt (prompt-major), with their final rewards, weights, ESS trace and compute counts."""
+
+    images: Any
+    latents: torch.Tensor
+    rewards: torch.Tensor  # [B, k] reward of each returned particle
+    log_weights: torch.Tensor  # [B, k] normalised; uniform when the final event resampled
+    ancestry: torch.Tensor  # [E, B, k] ancestor indices (group-local) at each event
+    ess: torch.Tensor  # [E, B] ESS before each event's resampling decision
+    resampled: torch.Tensor  # [E, B] whether the group resampled at each event
+    events: list[int]
+    nfe: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.log_weights.exp()
+
+    def best(self) -> torch.Tensor:
+        """Row index (into `images`) of each prompt's highest-reward particle: what the reference's evals report."""
+        k = self.rewards.shape[1]
+        return self.rewards.nan_to_num(float("-inf")).argmax(dim=1) + k * torch.arange(self.rewards.shape[0])
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Row index of one particle per prompt drawn by final weight."""
+        k = self.rewards.shape[1]
+        pick = torch.multinomial(self.log_weights.double().exp(), 1, generator=generator)[:, 0]
+        return pick + k * torch.arange(self.rewards.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------- sampler guard
+_DETERMINISTIC = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler",
+                  "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler",
+                  "DEISMultistepScheduler", "KDPM2DiscreteScheduler"}
+_STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+               "DPMSolverSDEScheduler"}
+# per-row history buffers that a permutation of the batch would desynchronise (spec §5.2)
+_STATEFUL = {"PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+             "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "HeunDiscreteScheduler",
+             "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
+
+
+def is_stochastic(scheduler, eta: float) -> bool | None:
+    """Whether `scheduler.step` injects fresh noise (True/False), or None when the class is unknown."""
+    name = type(scheduler).__name__
+    if name == "DDIMScheduler":
+        return eta > 0
+    if name == "DPMSolverMultistepScheduler":
+        return "sde" in str(scheduler.config.get("algorithm_type", ""))
+    if name == "FlowMatchEulerDiscreteScheduler" and scheduler.config.get("stochastic_sampling", False):
+        return True
+    if name in _DETERMINISTIC:
+        return False
+    return True if name in _STOCHASTIC else None
+
+
+def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
+    """FK needs fresh noise after each resampling, else copies never diverge (spec §2.8); and no per-row history."""
+    if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
+        return
+    name = type(scheduler).__name__
+    if name in _STATEFUL:
+        raise ValueError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
+                         "DDIMScheduler (eta > 0) or EulerAncestralDiscreteScheduler")
+    stochastic = is_stochastic(scheduler, eta)
+    if stochastic is False and not config.allow_deterministic:
+        raise ValueError(f"{name} (eta={eta}) is deterministic: resampled copies stay identical and FK degenerates to "
+                         "best-of-k. Use a stochastic sampler (DDPM, DDIM with eta > 0, Euler-ancestral) or pass "
+                         "allow_deterministic=True")
+    if stochastic is None:
+        warnings.warn(f"cannot tell whether {name} injects noise; FK needs a stochastic sampler", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------- x̂0 recorder
+def predict_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """x̂0 from the model output for DDPM-type schedulers (spec §2.3): ε, v or sample prediction."""
+    a = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * sample - (1 - a).sqrt() * model_output
+    if kind == "sample":
+        return model_output
+    raise ValueError(f"cannot compute x̂0 for prediction_type={kind!r}")
+
+
+class X0Recorder:
+    """A transparent scheduler proxy that remembers the last step's ``pred_original_sample`` (spec §5.2)."""
+
+    def __init__(self, scheduler) -> None:
+        self.__dict__["_inner"] = scheduler
+        self.__dict__["x0"] = None
+        inner_step = scheduler.step
+
+        def step(model_output, timestep, sample, *args, return_dict: bool = True, **kwargs):
+            out = inner_step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            self.__dict__["x0"] = x0 if x0 is not None else predict_x0(scheduler, model_output, timestep, sample)
+            return out if return_dict else out.to_tuple()
+
+        step.__signature__ = inspect.signature(inner_step)  # the pipeline inspects it for eta / generator
+        self.__dict__["step"] = step
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_inner"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.__dict__["_inner"], name, value)
+
+
+# ------------------------------------------------------------------------------------------------ sampling loop
+@torch.no_grad()
+def sample_fk(eps_fn: Callable[..., torch.Tensor], x: torch.Tensor, scheduler, system: ParticleSystem,
+              reward_fn: Callable[[torch.Tensor], torch.Tensor], events: Sequence[int],
+              extra_args: dict | None = None, step_args: dict | None = None, score_final_sample: bool = True,
+              callback: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FK steering (Singhal et al. 2025, Alg. 1) over a diffusers scheduler; rows are prompt-major ``B·k`` blocks.
+
+    `eps_fn(x, t, **extra_args)` is the model output the scheduler expects; `reward_fn(z)` scores latents (or states)
+    ``z``. Events score the parent's x̂0 (free: same model call); the final event scores the returned sample itself
+    (textbook, so the product condition holds exactly) unless `score_final_sample=False` (reference timing).
+    Returns the final particles and their rewards ``[B·k]``.
+    """
+    extra_args, step_args, events = extra_args or {}, step_args or {}, set(events)
+    last, rewards = len(scheduler.timesteps) - 1, torch.zeros(x.shape[0])
+    for i, t in enumerate(scheduler.timesteps):
+        out = scheduler.step(eps_fn(x, t, **extra_args), t, x, return_dict=True, **step_args)
+        x, denoised = out.prev_sample, getattr(out, "pred_original_sample", None)
+        ancestors = None
+        if i in events:
+            target = x if (i == last and score_final_sample) or denoised is None else denoised
+            rewards = reward_fn(target)
+            ancestors = flat_indices(system.event(rewards, final=i == last))
+            x, rewards = x[ancestors.to(x.device)], rewards[ancestors]
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": denoised, "rewards": rewards, "ancestors": ancestors})
+    return x, rewards
+
+
+# ------------------------------------------------------------------------------------------------------ FKSteering
+class FKSteering:
+    """Call like the pipeline; returns a `SteeringOutput` with all ``B·k`` particles (prompt-major).
+
+    >>> fk = FKSteering(pipe, ClassifierReward(), FKConfig(num_particles=4, resample_start=5, resample_every=5,
+    ...                                                        resample_end=20))
+    >>> out = fk(["a handwritten digit seven"], num_inference_steps=25, generator=make_generator(0))
+    >>> best = out.images[int(out.best()[0])]
+    """
+
+    def __init__(self, pipe, reward: Reward | Callable, config: FKConfig | None = None) -> None:
+        self.pipe = pipe
+        self.reward = as_reward(reward)
+        self.config = config or FKConfig()
+        self.family = family_for(pipe)
+        self.counts = {"vae_decodes": 0, "reward_calls": 0, "reward_items": 0}
+
+    # -- scoring -----------------------------------------------------------------------------------------------
+    def _score(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        inputs = latents
+        if self.reward.input_kind != "latent":
+            inputs = self.family.decode(latents)
+            self.counts["vae_decodes"] += len(latents)
+        self.counts["reward_calls"] += 1
+        self.counts["reward_items"] += len(latents)
+        return score(self.reward, inputs, prompts, allow_nonfinite=self.config.nan_policy == "drop")
+
+    def _generator(self, generator) -> torch.Generator:
+        seed = self.config.resample_seed
+        if seed is None and generator is not None:
+            g = generator[0] if isinstance(generator, (list, tuple)) else generator
+            seed = g.initial_seed() + _RESAMPLE_SEED_OFFSET
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        return gen
+
+    def _system(self, groups: int, generator) -> ParticleSystem:
+        c = self.config
+        return ParticleSystem(groups, c.num_particles, c.potential, c.lmbda, c.adaptive, c.ess_threshold,
+                              c.resampler, c.reward_floor, c.compat, self._generator(generator))
+
+    def _output(self, images, latents, rewards, system: ParticleSystem, events, nfe) -> SteeringOutput:
+        groups, k = system.groups, system.k
+        return SteeringOutput(
+            images=images, latents=latents, rewards=rewards.reshape(groups, k).float(),
+            log_weights=normalize_log_weights(system.log_weights, warn=False).float(),
+            ancestry=torch.stack(system.ancestry), ess=torch.stack(system.ess_trace),
+            resampled=torch.stack(system.resampled), events=list(events),
+            nfe={"denoiser_calls": nfe.calls, "denoiser_rows": nfe.rows, **self.counts})
+
+    # -- entry point -------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str] | None = None, *, class_labels: Sequence[int] | None = None,
+                 num_inference_steps: int = 100, guidance_scale: float | None = None, eta: float = 1.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
+                 prompts_for_reward: Sequence[str] | None = None, **pipeline_kwargs) -> SteeringOutput:
+        self.counts = {"vae_decodes": 0, "reward_calls": 0, "reward_items": 0}
+        events = self.config.events(num_inference_steps)
+        check_sampler(self.pipe.scheduler, eta, self.config)
+        if isinstance(self.family, SDFamily):
+            if prompt is None:
+                raise ValueError("StableDiffusionPipeline needs `prompt`")
+            return self._run_sd(prompt, num_inference_steps, 7.5 if guidance_scale is None else guidance_scale,
+                                eta, generator, output_type, events, pipeline_kwargs)
+        if class_labels is None:
+            raise ValueError("DiTPipeline needs `class_labels`")
+        return self._run_dit(list(class_labels), num_inference_steps, 4.0 if guidance_scale is None else
+                             guidance_scale, eta, generator, output_type, events, prompts_for_reward)
+
+    def _run_sd(self, prompt, steps, guidance_scale, eta, generator, output_type, events, kwargs) -> SteeringOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        k, last = self.config.num_particles, steps - 1
+        row_prompts = [p for p in prompts for _ in range(k)]
+        system = self._system(len(prompts), generator)
+        recorder, original = X0Recorder(self.pipe.scheduler), self.pipe.scheduler
+        score_final_sample = self.config.compat == "textbook"
+        state = {"rewards": torch.zeros(len(row_prompts))}
+
+        def on_step_end(pipe, i: int, t, callback_kwargs: dict) -> dict:
+            if i not in events:
+                return {}
+            latents = callback_kwargs["latents"]
+            target = latents if i == last and score_final_sample else recorder.x0
+            rewards = self._score(target, row_prompts)
+            rows = flat_indices(system.event(rewards, final=i == last))
+            state["rewards"] = rewards[rows]
+            return {"latents": latents[rows.to(latents.device)]}
+
+        self.pipe.scheduler = recorder
+        try:
+            with count_nfe(self.pipe) as nfe:
+                out = self.pipe(prompts, num_images_per_prompt=k, num_inference_steps=steps,
+                                guidance_scale=guidance_scale, eta=eta, generator=generator,
+                                output_type="latent", callback_on_step_end=on_step_end,
+                                callback_on_step_end_tensor_inputs=["latents"], **kwargs)
+        finally:
+            self.pipe.scheduler = original
+        latents = out.images
+        images = self._postprocess(latents, output_type)
+        return self._output(images, latents, state["rewards"], system, events, nfe)
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        images = self.family.decode(latents)
+        self.counts["vae_decodes"] += len(latents)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.cpu().permute(0, 2, 3, 1).float().numpy()
+        return self.pipe.numpy_to_pil(images.cpu().permute(0, 2, 3, 1).float().numpy())
+
+    def _run_dit(self, labels, steps, guidance_scale, eta, generator, output_type, events,
+                 prompts_for_reward) -> SteeringOutput:
+        fam: DiTFamily = self.family  # type: ignore[assignment]
+        k = self.config.num_particles
+        names = list(prompts_for_reward) if prompts_for_reward is not None else fam.prompts_for(labels)
+        row_prompts = [p for p in names for _ in range(k)]
+        system = self._system(len(labels), generator)
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(steps)
+        x = fam.init_latents(len(row_prompts), generator)
+        with count_nfe(self.pipe) as nfe:
+            latents, rewards = sample_fk(fam.eps, x, scheduler, system, lambda z: self._score(z, row_prompts),
+                                         events, fam.conditioning(labels, k, guidance_scale),
+                                         step_kwargs(scheduler, eta, generator),
+                                         score_final_sample=self.config.compat == "textbook")
+        images = self._postprocess(latents, output_type)
+        return self._output(images, latents, rewards, system, events, nfe)

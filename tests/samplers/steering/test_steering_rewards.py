@@ -1,0 +1,84 @@
+"""Reward protocol (spec steering.md §4, S12): float32 [N], batch = per-item, no grad, errors name the reward."""
+
+import pytest
+import torch
+from diffaccel import zoo
+from diffaccel.samplers.steering.rewards import (
+    CallableReward,
+    ClassifierReward,
+    CLIPReward,
+    CompressibilityReward,
+    ConstantReward,
+    Reward,
+    RewardError,
+    as_reward,
+    score,
+)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Real digits (8x8 upsampled to 32x32, [0, 1]) with their labels and captions."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:12], dtype=torch.float32)[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = d.target[:12].tolist()
+    return x, labels, [zoo.caption(y) for y in labels]
+
+
+@pytest.fixture(scope="module")
+def classifier_reward():
+    return ClassifierReward()
+
+
+def test_classifier_reward_is_log_prob_of_the_prompted_digit(digits, classifier_reward):
+    x, labels, prompts = digits
+    r = classifier_reward(x, prompts)
+    assert r.dtype == torch.float32 and r.shape == (12,) and not r.requires_grad
+    assert torch.all(r <= 0)
+    wrong = [zoo.caption((y + 1) % 10) for y in labels]
+    assert (r > classifier_reward(x, wrong)).float().mean() > 0.8
+    per_item = torch.cat([classifier_reward(x[i:i + 1], prompts[i:i + 1]) for i in range(12)])
+    assert torch.allclose(r, per_item, atol=1e-5)
+    with pytest.raises(ValueError, match="no single digit"):
+        classifier_reward(x[:1], ["a cat"])
+
+
+def test_clip_reward_prefers_the_right_caption(digits):
+    x, labels, prompts = digits
+    reward = CLIPReward()
+    r = reward(x, prompts)
+    assert r.shape == (12,) and r.dtype == torch.float32 and torch.all(r.abs() <= 1)
+    wrong = [zoo.caption((y + 5) % 10) for y in labels]
+    assert (r > reward(x, wrong)).float().mean() > 0.6
+    assert torch.allclose(r[:3], torch.cat([reward(x[i:i + 1], prompts[i:i + 1]) for i in range(3)]), atol=1e-4)
+    folder = CLIPReward(zoo.entry_path("digits-clip"), batch_size=5)  # any local CLIP folder; micro-batched
+    assert torch.allclose(folder(x, prompts), r, atol=1e-3)  # batch-size round-off only
+
+
+def test_compressibility_reward_prefers_flat_images():
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    noisy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reward = CompressibilityReward()
+    r = reward(torch.cat([flat, noisy]), ["", ""])
+    assert r[0] > r[1] and torch.all(r < 0)
+    assert torch.equal(reward(noisy, [""]), r[1:])  # deterministic, batch = per item
+
+
+def test_callables_constants_and_protocol_errors():
+    assert isinstance(ConstantReward(2.0), Reward)
+    assert ConstantReward(2.0)(torch.zeros(3, 4, 2, 2), ["a"] * 3).tolist() == [2.0, 2.0, 2.0]
+    wrapped = as_reward(lambda im, p: [float(v) for v in im.flatten(1).sum(1)])
+    assert isinstance(wrapped, Reward) and wrapped(torch.ones(2, 1, 2, 2), ["", ""]).tolist() == [4.0, 4.0]
+    with pytest.raises(RewardError, match="'bad-shape'.*shape"):
+        CallableReward(lambda im, p: torch.zeros(len(im) + 1), name="bad-shape")(torch.zeros(2, 1, 2, 2), ["", ""])
+    with pytest.raises(RewardError, match="'nanny'.*NaN.*\\[1\\]"):
+        score(CallableReward(lambda im, p: torch.tensor([0.0, float("nan")]), name="nanny"),
+              torch.zeros(2, 1, 2, 2), ["", ""])
+    with pytest.raises(RewardError, match="'listy' returned list"):
+        score(type("R", (), {"name": "listy", "input_kind": "tensor01", "__call__": lambda s, i, p: [0.0]})(),
+              torch.zeros(1, 1, 2, 2), [""])
+    with pytest.raises(TypeError):
+        as_reward(3)
