@@ -392,8 +392,9 @@ def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, second
         raise KeyError(name)
     card = {
         "name": name,
-        "command": f"diffaccel zoo train {name}" + ("" if settings == SETTINGS[name] else
-                                                    f" --iterations {settings.iterations}"),
+        "command": f"diffaccel zoo train {name}"
+        + ("" if settings == SETTINGS[name] else f" --iterations {settings.iterations}")
+        + ("" if torch.get_num_threads() == 2 else f" --threads {torch.get_num_threads()}"),
         "settings": settings.__dict__,
         "train_seconds": round(seconds, 1),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
