@@ -390,6 +390,11 @@ def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, second
         (tmp / "id2label.json").write_text(json.dumps(id2label, indent=1))
     else:
         raise KeyError(name)
+    # from_pretrained records where a component came from; that is a path of the training machine, not ours to ship.
+    for cfg_file in tmp.rglob("config.json"):
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     card = {
         "name": name,
         "command": f"diffaccel zoo train {name}"

@@ -70,3 +70,8 @@ def test_every_trained_entry_has_a_card_with_command_and_machine():
         card = zoo.card(name)
         assert card["command"].startswith(f"diffaccel zoo train {name}")
         assert card["train_seconds"] > 0 and "CPU" in card["machine"]
+
+
+def test_shipped_configs_name_no_machine_path():
+    for f in zoo.entry_path("digits-sd").parent.rglob("*.json"):
+        assert "_name_or_path" not in f.read_text(), f
