@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import math
 
-from safetensors import safe_open
-
 from diffaccel.zoo import ENTRIES, entry_path
+from safetensors import safe_open
 
 
 def _params(path) -> int:
