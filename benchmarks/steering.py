@@ -45,6 +45,11 @@ def fk_schedule(steps: int) -> dict:
 def run_method(pipe, reward, method: str, budget: int, prompt: str, seed: int, args) -> tuple[torch.Tensor, int]:
     """One prompt: returns the chosen image ([1, C, H, W] in [0, 1]) and the NFE spent."""
     steps, g = args.steps, args.guidance
+    if args.target == "unconditional":
+        # The model sees the empty prompt; only the reward knows the digit (a fixed-target classifier reward).
+        label = zoo.label_from_prompt(prompt)
+        reward = ClassifierReward(classifier=reward.classifier, label_fn=lambda _p, y=label: y)
+        prompt = ""
     if method == "base":
         out = best_of_n(pipe, prompt, reward, n=1, num_inference_steps=steps, guidance_scale=g,
                         generator=make_generator(seed))
@@ -88,7 +93,7 @@ def run(args) -> None:
     command = "python benchmarks/steering.py " + " ".join(sys.argv[1:])
     for budget in [1, *args.budgets]:
         for method in methods_for(budget, args.potentials):
-            if (method, budget) in done:
+            if (method, budget) in done or (args.methods and method not in args.methods):
                 continue
             t0 = time.perf_counter()
             images, nfes = [], []
@@ -104,8 +109,10 @@ def run(args) -> None:
             clip = clip_score(to_uint8(images), texts).score
             row = {"method": method, "budget": budget, "nfe": sum(nfes) / len(nfes), "reward": r.mean().item(),
                    "reward_se": (r.std() / math.sqrt(len(r))).item(), "accuracy": acc.mean().item(),
+                   "rewards": [round(v, 5) for v in r.tolist()], "correct": [int(v) for v in acc.tolist()],
                    "clip_score": float(clip), "n_prompts": len(prompts), "steps": args.steps,
-                   "lmbda": args.lmbda, "seconds": time.perf_counter() - t0, "command": command,
+                   "lmbda": args.lmbda, "target": args.target, "guidance": args.guidance,
+                   "seconds": time.perf_counter() - t0, "command": command,
                    "machine": f"{args.machine}", "python": platform.python_version(), "torch": torch.__version__}
             with out_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -170,6 +177,15 @@ def plot(rows: list[dict], path: Path) -> None:
     img.save(path)
 
 
+def paired(rows: list[dict], r: dict) -> str:
+    """Mean per-prompt reward difference of row `r` to best-of-N at the same budget (± s.e.), or '—'."""
+    ref = next((x for x in rows if x["method"] == "best-of-N" and x["budget"] == r["budget"]), None)
+    if ref is None or r is ref or "rewards" not in r or "rewards" not in ref:
+        return "—"
+    d = torch.tensor(r["rewards"]) - torch.tensor(ref["rewards"])
+    return f"{d.mean().item():+.3f} ± {(d.std() / math.sqrt(len(d))).item():.3f}"
+
+
 def report(args) -> str:
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     if not rows:
@@ -179,7 +195,10 @@ def report(args) -> str:
     r0 = rows[0]
     lines = ["## Steering: reward and class accuracy vs NFE on digits-sd", "",
              f"Machine: {r0['machine']}. {r0['n_prompts']} prompts (digits 0–9 cycled), T = {r0['steps']} DDIM steps, "
-             f"CFG {args.guidance}, seeds {args.seed}..; λ = {r0['lmbda']}. Reward = log p(prompted digit) under "
+             f"CFG {r0.get('guidance', args.guidance)}, seeds {args.seed}..; λ = {r0['lmbda']}. "
+             + ("The model is given the EMPTY prompt (unconditional); only the reward names the target digit. "
+                if r0.get("target") == "unconditional" else "")
+             + "Reward = log p(target digit) under "
              "zoo `digits-features`; accuracy = its argmax; CLIP = `diffaccel.evals.clip_score` (digits-clip, "
              "held out from steering). base / best-of-N / zero-order: DDIM eta = 0 (noise search); `base eta=1`, "
              "`best-of-N eta=1` (FK potential `bon`) and FK: DDIM eta = 1, FK events at "
@@ -187,11 +206,13 @@ def report(args) -> str:
              "NFE = image-step evaluations per prompt (CFG counted once), measured.", "",
              "Commands:", "", *[f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)], "",
              f"![reward and accuracy vs NFE]({png.name})", "",
-             "| method | budget | NFE/prompt | mean reward (± s.e.) | accuracy | CLIP score | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "`vs best-of-N` = mean per-prompt reward difference to best-of-N (DDIM eta = 0) at the same budget, "
+             "same prompts and seeds (paired), ± its standard error.", "",
+             "| method | budget | NFE/prompt | mean reward (± s.e.) | accuracy | CLIP score | vs best-of-N | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
         lines.append(f"| {r['method']} | {r['budget']} | {r['nfe']:.0f} | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
-                     f"{r['accuracy']:.2f} | {r['clip_score']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['accuracy']:.2f} | {r['clip_score']:.2f} | {paired(rows, r)} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lmbda", type=float, default=10.0)
     p.add_argument("--resampler", default="systematic")
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--target", choices=["prompt", "unconditional"], default="prompt",
+                   help="prompt: the model is prompted with the digit the reward scores; unconditional: the model "
+                        "gets the empty prompt and only the reward names the digit (steering does all the work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--machine", default="2-core x86_64 CPU")
     p.add_argument("--out", type=Path, default=RESULTS / "steering.jsonl")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="run only these rows (e.g. 'best-of-N' 'FK max'); default: all")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

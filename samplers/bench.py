@@ -53,10 +53,11 @@ def kwargs_tolerant(cls: type) -> type:
     return type(cls.__name__, (cls,), {"step": step, "__module__": __name__})
 
 
-def _diffusers(cls, calls_per_step_extra: int = 0, **kw) -> Callable[[dict, int], tuple[Any, int] | None]:
+def _diffusers(cls, calls_per_step_extra: int = 0, spacing: dict | None = None,
+               **kw) -> Callable[[dict, int], tuple[Any, int] | None]:
     def build(config: dict, nfe: int):
         n = nfe - calls_per_step_extra
-        return (cls.from_config(config, **SPACING, **kw), n) if n >= 1 else None
+        return (cls.from_config(config, **(SPACING if spacing is None else spacing), **kw), n) if n >= 1 else None
 
     return build
 
@@ -84,13 +85,19 @@ SAMPLERS: dict[str, Callable[[dict, int], tuple[Any, int] | None]] = {
     # the model's own grid (leading + steps_offset, ends at t = 1): the last transition is tiny, which multistep
     # methods need on pixel models at low NFE (trailing ends with one huge step, where AB extrapolation blows up)
     "S-PNDM (leading)": _pndm("s-pndm", spacing={}),
+    # the baselines on that same shipped grid, so the leading-grid S-PNDM row has a same-grid comparison
+    "DDIM (leading)": _diffusers(DDIMScheduler, spacing={}),
+    "DPM-Solver++(2M) (leading)": _diffusers(DPMSolverMultistepScheduler, spacing={}, algorithm_type="dpmsolver++",
+                                             solver_order=2),
+    "UniPC (leading)": _diffusers(kwargs_tolerant(UniPCMultistepScheduler), spacing={}),
     "TS-DDIM": _ts(_diffusers(DDIMScheduler)),
     "TS-S-PNDM": _ts(_pndm("s-pndm")),
     "TS-F-PNDM": _ts(_pndm("f-pndm")),
     "TS-DPM-Solver++(2M)": _ts(_diffusers(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++",
                                           solver_order=2)),
 }
-BASELINES = ("DDIM", "DPM-Solver++(2M)", "UniPC")
+BASELINES = ("DDIM", "DPM-Solver++(2M)", "UniPC", "DDIM (leading)", "DPM-Solver++(2M) (leading)",
+             "UniPC (leading)")
 
 
 def samplers_suite(nfe: int = 10, models: tuple[str, ...] = DEFAULT_MODELS) -> list:

@@ -112,17 +112,25 @@ class SteeringOutput:
 # ------------------------------------------------------------------------------------------------- sampler guard
 _DETERMINISTIC = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler",
                   "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler",
-                  "DEISMultistepScheduler", "KDPM2DiscreteScheduler"}
+                  "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+                  "PseudoNumericalScheduler"}  # every PNDM-family method is an ODE solver
 _STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                "DPMSolverSDEScheduler"}
 # per-row history buffers that a permutation of the batch would desynchronise (spec §5.2)
 _STATEFUL = {"PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
              "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "HeunDiscreteScheduler",
-             "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
+             "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+             "PseudoNumericalScheduler"}  # its linear-multistep methods keep per-row eps history
+
+
+def _unwrap(scheduler):
+    """The scheduler that actually steps: a `TimeShiftScheduler` delegates every step to its `base`."""
+    return getattr(scheduler, "base", scheduler) if type(scheduler).__name__ == "TimeShiftScheduler" else scheduler
 
 
 def is_stochastic(scheduler, eta: float) -> bool | None:
     """Whether `scheduler.step` injects fresh noise (True/False), or None when the class is unknown."""
+    scheduler = _unwrap(scheduler)
     name = type(scheduler).__name__
     if name == "DDIMScheduler":
         return eta > 0
@@ -139,7 +147,7 @@ def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
     """FK needs fresh noise after each resampling, else copies never diverge (spec §2.8); and no per-row history."""
     if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
         return
-    name = type(scheduler).__name__
+    name = type(_unwrap(scheduler)).__name__
     if name in _STATEFUL:
         raise ValueError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
                          "DDIMScheduler (eta > 0) or EulerAncestralDiscreteScheduler")

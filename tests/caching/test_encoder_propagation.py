@@ -492,3 +492,15 @@ def test_measure_encoder_drift_and_schedule():
     assert sched.key_steps(8)[0] == 0 and len(sched.key_steps(8)) == 3
     deeper = measure_encoder_drift(pipe, propagate_up_blocks=1, **_sd_kw(8))
     assert not torch.equal(torch.nan_to_num(deeper), torch.nan_to_num(drift))
+
+
+def test_noise_injection_under_a_time_shift_wrapper():
+    """The wrapper's own config has no num_train_timesteps; T is read from its base scheduler."""
+    from diffaccel.samplers import TimeShiftScheduler
+
+    pipe = _sd()
+    pipe.scheduler = TimeShiftScheduler.wrap(DDIMScheduler.from_config(pipe.scheduler.config), window=0, cutoff=300)
+    apply_encoder_propagation(pipe, EncoderPropagationConfig(key_steps="all", noise_injection=(0.01, 0.5)))
+    images = _images(cached_call(pipe, **_sd_kw(10)))
+    assert torch.isfinite(images).all() and len(last_noise_injection(pipe).injected_steps) > 2
+    remove_encoder_propagation(pipe)

@@ -1,0 +1,725 @@
+"""The demo's generation logic, free of any UI: one `RunRequest` in, one `RunResult` out.
+
+`DemoRunner.run(request)` validates the request, loads (or reuses) the pipeline, then generates the same images twice
+with the same per-image seeds (`core.make_generators`): once as the *baseline* (the pipeline's own scheduler at
+`baseline_steps`) and once *accelerated* (a chosen sampler, optionally Time-Shift, a feature cache, steering or
+search, or the one-step student). Each side is timed with `core.measure`, its denoiser calls are counted with
+`core.count_nfe`, and the batch is scored with the zoo's `digits-features` classifier (share of images showing the
+prompted digit) and the CLIP score of `diffaccel.evals` with `digits-clip`.
+
+Every acceleration is attached for the accelerated call only and removed afterwards (scheduler restored, hooks
+removed), so a cached pipeline always returns to its plain state. Invalid input raises `RunInputError` with a
+message naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core import count_nfe, make_generator, make_generators, measure, pipeline_output_to_uint8, tensor_to_pil
+
+SAMPLERS: tuple[str, ...] = ("DDIM", "DPM-Solver++", "UniPC", "S-PNDM", "F-PNDM")
+CACHES: tuple[str, ...] = ("none", "encoder propagation", "HarmoniCa plan", "FORA")
+STEERING: tuple[str, ...] = ("none", "best-of-N", "FK steering")
+EP_SCHEDULES: tuple[str, ...] = ("sd50-scaled", "uniform-2", "uniform-3", "uniform-4")
+ONE_STEP_ENTRY = "digits-sd-onestep"
+ONE_STEP_TEACHER = "digits-sd"
+#: families the demo can drive, by pipeline class name
+FAMILIES = {"StableDiffusionPipeline": "sd", "DiTPipeline": "dit", "DDPMPipeline": "ddpm",
+            "PixArtAlphaPipeline": "pixart", "RectifiedFlowPipeline": "rf"}
+#: "rf" (diffaccel's rectified-flow pipeline) is offered only as the one-step student; it runs without CFG
+DEFAULT_GUIDANCE = {"sd": 7.5, "dit": 4.0, "pixart": 4.5, "ddpm": None, "rf": None}
+
+LIMITS = {  # field: (low, high), inclusive
+    "seed": (0, 2**31 - 1),
+    "num_images": (1, 16),
+    "baseline_steps": (1, 200),
+    "steps": (1, 200),
+    "guidance_scale": (0.0, 20.0),
+    "particles": (1, 16),
+    "fora_interval": (2, 10),
+    "warmup": (0, 3),
+}
+
+Progress = Callable[[float, str], None]
+
+
+class RunInputError(ValueError):
+    """A request the demo cannot run; the message is meant for the user as it stands."""
+
+
+# ---------------------------------------------------------------------------------------------- optional parts
+
+
+def harmonica_api() -> Any | None:
+    """The `caching.harmonica` module when this build has it with the agreed names, else None."""
+    try:
+        from ..caching import harmonica
+    except ImportError:
+        return None
+    names = ("CachePlan", "apply_cache_plan", "remove_cache_plan", "fora_plan", "shipped_plans", "unit_modules")
+    return harmonica if all(hasattr(harmonica, n) for n in names) else None
+
+
+def one_step_available() -> bool:
+    """Whether the zoo of this build has the one-step student."""
+    from ..zoo.registry import ENTRIES
+
+    return ONE_STEP_ENTRY in ENTRIES
+
+
+def shipped_plan_names() -> list[str]:
+    api = harmonica_api()
+    if api is None:
+        return []
+    try:
+        return sorted(api.shipped_plans())
+    except Exception:  # noqa: BLE001 - a broken plan folder only hides the plans, the app keeps working
+        return []
+
+
+def zoo_family(name: str) -> str | None:
+    """The family (`sd`, `dit`, `ddpm`, `pixart`) of a zoo pipeline entry, None for anything else."""
+    from ..zoo.registry import ENTRIES
+
+    entry = ENTRIES.get(str(name).strip())
+    return None if entry is None else FAMILIES.get(entry.kind)
+
+
+def zoo_pipelines() -> list[str]:
+    """Zoo entries that are diffusers pipelines (what the model picker offers)."""
+    from ..zoo.registry import ENTRIES
+
+    return [name for name, e in ENTRIES.items() if e.kind.endswith("Pipeline") and name != ONE_STEP_ENTRY]
+
+
+# ---------------------------------------------------------------------------------------------- request / result
+
+
+@dataclass
+class RunRequest:
+    """Everything one comparison needs. `steps` and `sampler` are the accelerated side's; the baseline runs the
+    pipeline's own scheduler at `baseline_steps`. `guidance_scale=None` takes the model family's default.
+
+    For class-conditional pipelines (DiT) the class is the digit named in `prompt` ("7", "seven", "a handwritten
+    digit seven"); unconditional pipelines (DDPM) take no prompt. `particles` is N for best-of-N and k for FK.
+    """
+
+    model: str = "digits-sd"
+    prompt: str = "a handwritten digit seven"
+    seed: int = 0
+    num_images: int = 4
+    baseline_steps: int = 25
+    steps: int = 10
+    guidance_scale: float | None = None
+    sampler: str = "DPM-Solver++"
+    time_shift: bool = False
+    cache: str = "none"
+    ep_schedule: str = "sd50-scaled"
+    ep_parallel: bool = True
+    cache_plan: str | None = None
+    fora_interval: int = 2
+    steering: str = "none"
+    particles: int = 4
+    potential: str = "max"
+    one_step: bool = False
+    warmup: int = 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SideResult:
+    """One column of the comparison: images (uint8 NCHW), timing, cost and on-batch quality."""
+
+    name: str
+    config: str
+    images: torch.Tensor
+    seconds_per_image: float
+    seconds_total: float
+    nfe_calls: int
+    evals_per_image: float
+    class_accuracy: float | None = None
+    clip_score: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "images"}
+
+
+@dataclass
+class RunResult:
+    """Baseline and accelerated side by side, with the seeds, the conditioning and any notes."""
+
+    request: RunRequest
+    model_description: str
+    seeds: list[int]
+    caption: str | None
+    label: int | None
+    baseline: SideResult
+    accelerated: SideResult
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        """Baseline seconds per image over accelerated seconds per image (> 1: faster)."""
+        return self.baseline.seconds_per_image / max(self.accelerated.seconds_per_image, 1e-12)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"request": self.request.as_dict(), "model": self.model_description, "seeds": self.seeds,
+                "caption": self.caption, "label": self.label, "speedup": self.speedup,
+                "baseline": self.baseline.as_dict(), "accelerated": self.accelerated.as_dict(), "notes": self.notes}
+
+    def metrics_rows(self) -> list[list[Any]]:
+        """The metrics table: one row per side."""
+
+        def fmt(v: float | None, spec: str) -> str:
+            return "—" if v is None else format(v, spec)
+
+        rows = []
+        for side, speed in ((self.baseline, 1.0), (self.accelerated, self.speedup)):
+            rows.append([side.name, side.config, f"{side.seconds_per_image:.4f}", f"{speed:.2f}×", side.nfe_calls,
+                         f"{side.evals_per_image:g}", fmt(side.class_accuracy, ".0%"), fmt(side.clip_score, ".2f")])
+        return rows
+
+    def zip_bytes(self) -> bytes:
+        """PNG files of both sides at native resolution plus `metrics.json`, as a zip archive."""
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for side in (self.baseline, self.accelerated):
+                for seed, im in zip(self.seeds, tensor_to_pil(side.images, value_range=(0, 255)), strict=True):
+                    png = io.BytesIO()
+                    im.save(png, format="PNG")
+                    zf.writestr(f"{side.name}/seed-{seed}.png", png.getvalue())
+            zf.writestr("metrics.json", json.dumps(self.as_dict(), indent=1))
+        return buf.getvalue()
+
+
+METRIC_HEADERS = ["side", "configuration", "s/image", "speed-up", "NFE (denoiser calls)", "evals/image",
+                  "class accuracy", "CLIP score"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline in the cache, with what the runner needs to put it back into its plain state."""
+
+    name: str
+    pipe: Any
+    family: str
+    scheduler: Any  # the scheduler it was loaded with (restored after every accelerated call)
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} ({type(self.pipe).__name__})"
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
+
+
+def load_pipeline(name: str) -> LoadedPipeline:
+    """A zoo pipeline, a local diffusers pipeline folder, or a hub id already in the local cache (never downloads)."""
+    from ..zoo.registry import ENTRIES, ZooError
+    from ..zoo.registry import load as zoo_load
+
+    name = name.strip()
+    if not name:
+        raise RunInputError("model is empty: choose a zoo pipeline, or give a local diffusers pipeline folder")
+    if name in ENTRIES:
+        kind = ENTRIES[name].kind
+        if not kind.endswith("Pipeline"):
+            raise RunInputError(f"zoo entry {name!r} is a {kind}, not a pipeline; the demo runs pipelines: "
+                                f"{', '.join(zoo_pipelines())}")
+        try:
+            pipe = zoo_load(name)
+        except ZooError as exc:
+            raise RunInputError(f"zoo model {name!r} cannot be loaded: {exc}") from exc
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise RunInputError(f"{name!r} is a file, not a diffusers pipeline folder (a folder with "
+                                    "model_index.json, as written by pipe.save_pretrained)")
+            if not (path / "model_index.json").is_file():
+                raise RunInputError(f"{name!r} is not a diffusers pipeline folder: it has no model_index.json (a "
+                                    "pipeline folder is what pipe.save_pretrained(folder) writes; a single model's "
+                                    "folder is not enough)")
+            try:
+                pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+            except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message naming the folder
+                raise RunInputError(f"could not load a diffusers pipeline from {name!r}: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        elif _looks_like_hub_id(name):
+            try:
+                pipe = DiffusionPipeline.from_pretrained(name, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001
+                raise RunInputError(f"{name!r} looks like a Hugging Face Hub id, but it is not in the local cache and "
+                                    "this demo runs offline (it never downloads). Download the pipeline on a "
+                                    "connected machine and pass its local folder instead.") from exc
+        else:
+            raise RunInputError(f"unknown model {name!r}: not a zoo pipeline ({', '.join(zoo_pipelines())}), not an "
+                                "existing folder, and not a hub id of the form org/name")
+    cls = type(pipe).__name__
+    family = FAMILIES.get(cls)
+    if family is None:
+        raise RunInputError(f"{name!r} is a {cls}; the demo supports {', '.join(FAMILIES)}")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(name, pipe, family, pipe.scheduler)
+
+
+class ModelCache:
+    """Least-recently-used cache of loaded pipelines, owned by one runner (no module-level state)."""
+
+    def __init__(self, max_models: int = 3, loader: Callable[[str], LoadedPipeline] = load_pipeline) -> None:
+        if max_models < 1:
+            raise ValueError(f"max_models must be >= 1, got {max_models}")
+        self.max_models = max_models
+        self.loader = loader
+        self._items: OrderedDict[str, LoadedPipeline] = OrderedDict()
+
+    def get(self, name: str) -> LoadedPipeline:
+        key = name.strip()
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        loaded = self.loader(key)
+        self._items[key] = loaded
+        while len(self._items) > self.max_models:
+            self._items.popitem(last=False)
+        return loaded
+
+    def __contains__(self, name: str) -> bool:
+        return name.strip() in self._items
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: Any, problems: list[str]) -> None:
+    lo, hi = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, float) and value.is_integer():
+            problems.append(f"{name} = {value!r} must be given as a whole number (int)")
+        else:
+            problems.append(f"{name} = {value!r} is not a whole number; allowed: {lo}..{hi}")
+        return
+    if not lo <= value <= hi:
+        problems.append(f"{name} = {value} is out of range; allowed: {lo}..{hi}")
+
+
+def normalize_request(request: RunRequest) -> RunRequest:
+    """Whole-number floats from UI widgets (4.0) become ints; anything else is left for `validate_request`."""
+    out = dataclasses.replace(request)
+    for name in ("seed", "num_images", "baseline_steps", "steps", "particles", "fora_interval", "warmup"):
+        v = getattr(out, name)
+        if isinstance(v, float) and v.is_integer():
+            setattr(out, name, int(v))
+    return out
+
+
+def validate_request(request: RunRequest, family: str | None = None) -> None:
+    """Raise `RunInputError` listing every problem of the request; `family` adds the model-dependent checks."""
+    from ..samplers.steering.potentials import POTENTIALS
+    from ..zoo import label_from_prompt
+
+    r = request
+    problems: list[str] = []
+    for name in ("seed", "num_images", "baseline_steps", "steps", "particles", "fora_interval", "warmup"):
+        _check_int(name, getattr(r, name), problems)
+    if r.guidance_scale is not None:
+        lo, hi = LIMITS["guidance_scale"]
+        g = r.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g) or not lo <= g <= hi:
+            problems.append(f"guidance_scale = {g!r} is out of range; allowed: {lo}..{hi}")
+    if r.sampler not in SAMPLERS:
+        problems.append(f"sampler {r.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if r.cache not in CACHES:
+        problems.append(f"cache {r.cache!r} is unknown; choose one of {', '.join(CACHES)}")
+    if r.steering not in STEERING:
+        problems.append(f"steering {r.steering!r} is unknown; choose one of {', '.join(STEERING)}")
+    if r.cache == "encoder propagation" and r.ep_schedule not in EP_SCHEDULES:
+        problems.append(f"encoder-propagation schedule {r.ep_schedule!r} is unknown; choose one of "
+                        f"{', '.join(EP_SCHEDULES)}")
+    if r.steering == "FK steering" and r.potential not in POTENTIALS:
+        problems.append(f"FK potential {r.potential!r} is unknown; choose one of {', '.join(POTENTIALS)}")
+    if r.steering == "best-of-N" and isinstance(r.particles, int) and r.particles < 2:
+        problems.append(f"best-of-N needs N >= 2 candidates, got particles = {r.particles}")
+    if r.sampler == "F-PNDM" and isinstance(r.steps, int) and r.steps < 4 and not r.one_step:
+        problems.append(f"F-PNDM needs at least 4 steps (3 Runge-Kutta warm-up steps + 1), got steps = {r.steps}")
+    if r.cache in ("HarmoniCa plan", "FORA") and harmonica_api() is None:
+        problems.append(f"cache {r.cache!r} is not available in this build (diffaccel.caching.harmonica is missing)")
+    if r.cache == "HarmoniCa plan" and harmonica_api() is not None and not (r.cache_plan or "").strip():
+        problems.append("cache 'HarmoniCa plan' needs a plan: choose a shipped plan or give a plan file")
+    if r.cache != "none" and r.steering != "none":
+        problems.append(f"cache {r.cache!r} together with steering {r.steering!r} is not supported in the demo; "
+                        "choose one of the two")
+    if r.one_step:
+        if not one_step_available():
+            problems.append(f"the one-step student ({ONE_STEP_ENTRY}) is not available in this build")
+        if r.cache != "none" or r.steering != "none" or r.time_shift:
+            problems.append("the one-step student runs alone: set cache and steering to 'none' and Time-Shift off")
+        if r.model.strip() != ONE_STEP_TEACHER:
+            problems.append(f"the one-step student is distilled from {ONE_STEP_TEACHER}; pick that model to compare "
+                            f"against it (model is {r.model!r})")
+    if family == "rf":
+        problems.append(f"{r.model!r} is a rectified-flow (distilled) pipeline; it is compared as the one-step "
+                        f"student: choose model {ONE_STEP_TEACHER} and tick 'one-step student'")
+    if family is not None:
+        cond = family in ("sd", "pixart", "dit")
+        if cond and not r.prompt.strip():
+            problems.append("prompt is empty: this model is conditional; type a prompt such as "
+                            "'a handwritten digit seven'" + (" (the digit is the class label)" if family == "dit"
+                                                             else ""))
+        elif family == "dit" and label_from_prompt(r.prompt) is None:
+            problems.append(f"prompt {r.prompt!r} names no single digit; a class-conditional DiT needs the class "
+                            "label, e.g. '7' or 'seven'")
+        if r.cache == "encoder propagation" and family not in ("sd", "ddpm"):
+            alt = ("use 'HarmoniCa plan' or 'FORA' for transformers" if harmonica_api() is not None else
+                   "transformer caches (HarmoniCa, FORA) are not available in this build")
+            problems.append(f"encoder propagation caches a UNet encoder; {r.model!r} is a {family.upper()} "
+                            f"transformer model — {alt}")
+        if r.cache in ("HarmoniCa plan", "FORA") and family not in ("dit", "pixart"):
+            problems.append(f"{r.cache} caches transformer blocks (DiT / PixArt); {r.model!r} is a UNet model — use "
+                            "'encoder propagation' for UNets")
+        if r.steering != "none":
+            if family not in ("sd", "dit"):
+                problems.append(f"steering/search supports Stable Diffusion and DiT pipelines; {r.model!r} is "
+                                f"{family.upper()}")
+            elif label_from_prompt(r.prompt) is None:
+                problems.append(f"steering rewards the prompted digit (digits-features log-probability); prompt "
+                                f"{r.prompt!r} names no single digit")
+            if r.steering == "FK steering" and r.sampler != "DDIM":
+                problems.append(f"FK steering needs a stochastic sampler without per-row history; it runs DDIM with "
+                                f"eta = 1 — choose sampler 'DDIM' (got {r.sampler!r})")
+            if r.time_shift:
+                problems.append("Time-Shift cannot be combined with steering/search in the demo")
+    if problems:
+        raise RunInputError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- accelerations
+
+
+def build_sampler(name: str, base_config: Any, time_shift: bool, steps: int) -> Any:
+    """The accelerated side's scheduler, from the pipeline's scheduler config (same training schedule and grid)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from ..samplers import PseudoNumericalScheduler, TimeShiftScheduler
+    from ..samplers.bench import kwargs_tolerant, ts_params
+
+    if name == "DDIM":
+        sched = DDIMScheduler.from_config(base_config)
+    elif name == "DPM-Solver++":
+        sched = DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    elif name == "UniPC":
+        sched = kwargs_tolerant(UniPCMultistepScheduler).from_config(base_config)  # DDPMPipeline passes generator
+    elif name in ("S-PNDM", "F-PNDM"):
+        sched = PseudoNumericalScheduler.from_config(base_config, method=name.lower())
+    else:
+        raise RunInputError(f"sampler {name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if time_shift:
+        sched = TimeShiftScheduler.wrap(sched, **ts_params(steps))
+    return sched
+
+
+def sampler_label(request: RunRequest) -> str:
+    label = f"{request.sampler}, {request.steps} steps"
+    if request.time_shift:
+        from ..samplers.bench import ts_params
+
+        p = ts_params(request.steps)
+        label = f"TS-{label} (window {p['window']}, cutoff {p['cutoff']})"
+    return label
+
+
+@contextlib.contextmanager
+def accelerated(loaded: LoadedPipeline, request: RunRequest) -> Iterator[list[str]]:
+    """Swap in the accelerated sampler and attach the cache for the duration of the block; always undo both.
+
+    Yields a list of notes (what was attached) that the caller may extend."""
+    pipe = loaded.pipe
+    notes: list[str] = []
+    remove: Callable[[Any], None] | None = None
+    pipe.scheduler = build_sampler(request.sampler, loaded.scheduler.config, request.time_shift, request.steps)
+    try:
+        if request.cache == "encoder propagation":
+            from ..caching import EncoderPropagationConfig, apply_encoder_propagation, remove_encoder_propagation
+
+            ep = EncoderPropagationConfig(request.ep_schedule, parallel=request.ep_parallel)
+            if loaded.family == "ddpm":  # prior noise injection is defined for the Stable Diffusion family only
+                ep = dataclasses.replace(ep, noise_injection=None)
+            try:
+                apply_encoder_propagation(pipe, ep)
+            except (TypeError, ValueError) as exc:
+                raise RunInputError(f"encoder propagation cannot be applied: {exc}") from exc
+            remove = remove_encoder_propagation
+            notes.append(f"encoder propagation: schedule {request.ep_schedule}, "
+                         f"{'parallel' if request.ep_parallel else 'sequential'} decoding")
+        elif request.cache in ("HarmoniCa plan", "FORA"):
+            api = harmonica_api()
+            if api is None:
+                raise RunInputError(f"cache {request.cache!r} is not available in this build")
+            plan = _harmonica_plan(api, pipe, request)
+            try:
+                api.apply_cache_plan(pipe, plan)
+            except (TypeError, ValueError) as exc:
+                raise RunInputError(f"{request.cache} cannot be applied: {exc}") from exc
+            remove = api.remove_cache_plan
+            what = f"interval {request.fora_interval}" if request.cache == "FORA" else f"plan {request.cache_plan}"
+            cur = getattr(plan, "usage_ratio", None)
+            notes.append(f"{request.cache}: {what}" + (f", cache-usage ratio {cur:.0%}" if cur is not None else ""))
+        yield notes
+    finally:
+        if remove is not None:
+            remove(pipe)
+        pipe.scheduler = loaded.scheduler
+
+
+def _harmonica_plan(api: Any, pipe: Any, request: RunRequest) -> Any:
+    from ..core import find_denoiser
+
+    if request.cache == "FORA":
+        denoiser = find_denoiser(pipe)
+        if getattr(denoiser, "transformer_blocks", None) is None:
+            raise RunInputError(f"FORA needs a transformer with transformer_blocks; {request.model!r} has none")
+        from ..caching.hooks import dedupe_consecutive
+
+        # the plan has one row per distinct denoiser timestep (multi-evaluation samplers such as F-PNDM run more
+        # model calls than transitions), counted as the cache's step tracker counts them
+        pipe.scheduler.set_timesteps(request.steps)
+        num_steps = len(dedupe_consecutive([float(t) for t in pipe.scheduler.timesteps]))
+        try:
+            num_units = len(api.unit_modules(denoiser))
+            return api.fora_plan(num_steps, num_units, request.fora_interval, model=pipe)
+        except (TypeError, ValueError) as exc:
+            raise RunInputError(f"FORA plan: {exc}") from exc
+    key = (request.cache_plan or "").strip()
+    plans = api.shipped_plans()
+    path = Path(plans[key]) if key in plans else Path(key).expanduser()
+    if not path.exists():
+        raise RunInputError(f"HarmoniCa plan {key!r} is neither a shipped plan ({', '.join(sorted(plans)) or 'none'}) "
+                            "nor an existing file")
+    try:
+        return api.CachePlan.load(path)
+    except Exception as exc:  # noqa: BLE001 - a bad plan file becomes a message
+        raise RunInputError(f"cannot read HarmoniCa plan {key!r}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+
+def _call_kwargs(loaded: LoadedPipeline, prompt: str, label: int | None, n: int, steps: int,
+                 guidance: float | None, generators: list[torch.Generator]) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_inference_steps": steps, "generator": generators, "output_type": "np"}
+    if loaded.family == "rf":
+        kw.update(prompt=[prompt] * n)  # the student's own default: no classifier-free guidance
+    elif loaded.family in ("sd", "pixart"):
+        kw.update(prompt=[prompt] * n, guidance_scale=guidance)
+        if loaded.family == "pixart":
+            kw.update(use_resolution_binning=False, clean_caption=False)
+    elif loaded.family == "dit":
+        kw.update(class_labels=[label] * n, guidance_scale=guidance)
+    else:
+        kw.update(batch_size=n)
+    return kw
+
+
+def _cfg_rows(family: str, guidance: float | None) -> int:
+    return 2 if family in ("sd", "dit", "pixart") and guidance is not None and guidance > 1.0 else 1
+
+
+class DemoRunner:
+    """Runs comparisons; owns the model cache and the quality models. One run at a time (a lock guards it)."""
+
+    def __init__(self, max_models: int = 3, clip_model: str = "digits-clip") -> None:
+        self.models = ModelCache(max_models)
+        self.clip_model = clip_model
+        self._classifier = None
+        self._lock = threading.Lock()
+
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            from ..zoo import load
+
+            self._classifier = load("digits-features")
+        return self._classifier
+
+    # -------------------------------------------------------------------------------------------- public
+
+    def run(self, request: RunRequest, progress: Progress | None = None) -> RunResult:
+        """Validate, generate both sides with the same seeds, measure and score them."""
+        from ..zoo import caption as digit_caption
+        from ..zoo import label_from_prompt
+
+        report = progress or (lambda frac, desc: None)
+        request = normalize_request(request)
+        validate_request(request, zoo_family(request.model))  # before any loading; folders are checked after
+        with self._lock:
+            report(0.02, f"loading {request.model}")
+            loaded = self.models.get(request.model)
+            validate_request(request, loaded.family)
+            guidance = request.guidance_scale
+            if guidance is None:
+                guidance = DEFAULT_GUIDANCE[loaded.family]
+            notes: list[str] = []
+            if loaded.family == "ddpm":
+                guidance = None
+                notes.append("unconditional model: prompt and guidance are not used")
+            label = label_from_prompt(request.prompt) if loaded.family != "ddpm" else None
+            if loaded.family == "dit":
+                cap = digit_caption(label)
+            elif loaded.family == "ddpm":
+                cap = None
+            else:
+                cap = request.prompt.strip()
+            prompt = request.prompt.strip()
+            n, seeds = request.num_images, list(range(request.seed, request.seed + request.num_images))
+
+            report(0.1, f"baseline: {type(loaded.scheduler).__name__}, {request.baseline_steps} steps")
+            baseline = self._plain_side(loaded, "baseline",
+                                        f"{_scheduler_name(loaded.scheduler)}, {request.baseline_steps} steps",
+                                        prompt, label, n, request.seed, request.baseline_steps, guidance,
+                                        request.warmup)
+            report(0.45, "accelerated")
+            accel = self._accelerated_side(loaded, request, prompt, label, guidance)
+            report(0.85, "quality: digits-features accuracy and CLIP score")
+            for side in (baseline, accel):
+                side.class_accuracy, side.clip_score = self._quality(side.images, label, cap)
+            report(1.0, "done")
+            return RunResult(request, loaded.description, seeds, cap, label, baseline, accel, notes)
+
+    # -------------------------------------------------------------------------------------------- sides
+
+    def _timed(self, pipe: Any, fn: Callable[[], Any], warmup: int) -> tuple[Any, float, int, int]:
+        with count_nfe(pipe) as nfe:
+            t = measure(fn, warmup=warmup, repeats=1)
+        runs = warmup + 1
+        return t.result, t.median, nfe.calls // runs, nfe.rows // runs
+
+    def _plain_side(self, loaded: LoadedPipeline, name: str, config: str, prompt: str, label: int | None, n: int,
+                    seed: int, steps: int, guidance: float | None, warmup: int, pipe: Any = None,
+                    family: str | None = None) -> SideResult:
+        from ..caching import cached_call
+
+        pipe = loaded.pipe if pipe is None else pipe
+        probe = LoadedPipeline(loaded.name, pipe, family or loaded.family, pipe.scheduler)
+
+        def call() -> Any:
+            kw = _call_kwargs(probe, prompt, label, n, steps, guidance, make_generators(seed, n))
+            with torch.no_grad():
+                return cached_call(pipe, **kw).images
+
+        try:
+            images, seconds, calls, rows = self._timed(pipe, call, warmup)
+        except RunInputError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise RunInputError(f"{name} run failed: {exc}") from exc
+        return SideResult(name, config, pipeline_output_to_uint8(images), seconds / n, seconds, calls,
+                          rows / n / _cfg_rows(probe.family, guidance))
+
+    def _accelerated_side(self, loaded: LoadedPipeline, request: RunRequest, prompt: str, label: int | None,
+                          guidance: float | None) -> SideResult:
+        n, seed = request.num_images, request.seed
+        if request.one_step:
+            student = self.models.get(ONE_STEP_ENTRY)
+            side = self._plain_side(loaded, "accelerated", f"one-step student {ONE_STEP_ENTRY}, 1 step, no CFG",
+                                    prompt, label, n, seed, 1, None, request.warmup, pipe=student.pipe,
+                                    family=student.family)
+            side.notes.append("the one-step student runs without classifier-free guidance (distilled)")
+            return side
+        config = sampler_label(request)
+        with accelerated(loaded, request) as notes:
+            if request.steering == "none":
+                side = self._plain_side(loaded, "accelerated", config, prompt, label, n, seed, request.steps,
+                                        guidance, request.warmup)
+            else:
+                side = self._steered_side(loaded, request, config, prompt, label, guidance)
+        if notes:
+            side.config += " + " + "; ".join(notes)
+        return side
+
+    def _steered_side(self, loaded: LoadedPipeline, request: RunRequest, config: str, prompt: str, label: int,
+                      guidance: float | None) -> SideResult:
+        from ..samplers.steering import ClassifierReward, FKConfig, FKSteering, best_of_n
+
+        pipe, n, seed, steps, k = loaded.pipe, request.num_images, request.seed, request.steps, request.particles
+        reward = ClassifierReward(self.classifier, label_fn=lambda _prompt: label)
+        if request.steering == "best-of-N":
+            cond = prompt if loaded.family == "sd" else label
+
+            def call() -> torch.Tensor:
+                outs = [best_of_n(pipe, cond, reward, n=k, num_inference_steps=steps, guidance_scale=guidance,
+                                  eta=0.0, generator=make_generator(seed + i)).image for i in range(n)]
+                return torch.cat(outs)
+
+            config = f"best-of-{k} ({config}, eta 0; reward: digits-features log p(digit))"
+        else:
+            every = max(1, steps // 5)
+            fk_config = FKConfig(num_particles=k, potential=request.potential, resample_every=every,
+                                 resample_start=min(every, steps - 1), resample_end=steps - 1)
+            fk = FKSteering(pipe, reward, fk_config)
+
+            def call() -> torch.Tensor:
+                gens = make_generators(seed, n * k)
+                if loaded.family == "sd":
+                    out = fk([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                             output_type="pt")
+                else:
+                    out = fk(class_labels=[label] * n, num_inference_steps=steps, guidance_scale=guidance,
+                             generator=gens, output_type="pt")
+                return out.images[out.best()]
+
+            config = (f"FK steering, k={k}, potential {request.potential}, resample every {every} steps "
+                      f"({config}, eta 1; reward: digits-features log p(digit))")
+        try:
+            images, seconds, calls, rows = self._timed(pipe, call, request.warmup)
+        except (TypeError, ValueError) as exc:
+            raise RunInputError(f"{request.steering} failed: {exc}") from exc
+        from ..core import to_uint8
+
+        return SideResult("accelerated", config, to_uint8(images.float().cpu()), seconds / n, seconds, calls,
+                          rows / n / _cfg_rows(loaded.family, guidance))
+
+    # -------------------------------------------------------------------------------------------- quality
+
+    def _quality(self, images: torch.Tensor, label: int | None, cap: str | None) -> tuple[float | None, float | None]:
+        from ..evals import clip_score
+
+        accuracy = None
+        if label is not None:
+            pred = self.classifier.predict(images)
+            accuracy = float((pred == label).float().mean())
+        clip = None
+        if cap:
+            clip = clip_score(images, [cap] * len(images), self.clip_model).score
+        return accuracy, clip
+
+
+def _scheduler_name(scheduler: Any) -> str:
+    return type(scheduler).__name__.removesuffix("Scheduler") or type(scheduler).__name__
