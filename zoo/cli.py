@@ -107,7 +107,7 @@ def cmd_sample(args) -> int:
     n = args.num_images
     kw: dict = {"num_inference_steps": args.steps, "output_type": "np"}
     cls = type(pipe).__name__
-    if cls in ("StableDiffusionPipeline", "PixArtAlphaPipeline"):
+    if cls in ("StableDiffusionPipeline", "PixArtAlphaPipeline", "RectifiedFlowPipeline"):
         prompts = [args.prompt] * n if args.prompt else [caption(i % 10) for i in range(n)]
         call_args: tuple = (prompts,)
         if args.guidance is not None:

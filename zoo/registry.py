@@ -38,6 +38,7 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("digits-ddpm", "DDPMPipeline", "pixel-space UNet2DModel, epsilon, 1000-step linear schedule", True),
     ZooEntry("digits-sd", "StableDiffusionPipeline", "text-to-image latent UNet2DConditionModel + CLIP text", True),
     ZooEntry("digits-dit", "DiTPipeline", "class-conditional DiTTransformer2DModel on digits-vae latents", True),
+    ZooEntry("digits-sd-onestep", "RectifiedFlowPipeline", "one-step student distilled from digits-sd via 2-RF", True),
     ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
     ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
     ZooEntry("random-dit", "DiTPipeline", "random-weight tiny DiT pipeline", False),
@@ -45,6 +46,13 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("random-sd15-unet", "UNet2DConditionModel", "full-size SD-1.5 UNet config, random weights", False),
     ZooEntry("random-dit-xl-2", "DiTTransformer2DModel", "full-size DiT-XL/2 (256px) config, random weights", False),
 ]}
+
+
+#: entries not built by `diffaccel zoo train`: how to recreate their weights instead
+RETRAIN_HINTS: dict[str, str] = {
+    "digits-sd-onestep": "recreate it with the `diffaccel distill` stages (pairs, reflow, pairs, one-step, then "
+                         "`python -m diffaccel.distill.export`) listed in distill/README.md",
+}
 
 
 def list_models() -> list[str]:
@@ -61,7 +69,7 @@ def _check_entry(name: str) -> Path:
     path = entry_path(name)
     if not ENTRIES[name].trained:
         return path
-    hint = f"run `diffaccel zoo train {name}` to recreate it"
+    hint = RETRAIN_HINTS.get(name, f"run `diffaccel zoo train {name}` to recreate it")
     if not path.is_dir():
         raise ZooError(f"zoo model {name!r}: weight folder {path} is missing; {hint}")
     weight_files = sorted(path.rglob("*.safetensors"))
@@ -127,6 +135,10 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
 
         id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
         return DiTPipeline.from_pretrained(str(path), id2label=id2label, **kw).to(dev)
+    if name == "digits-sd-onestep":
+        from ..distill.pipeline import RectifiedFlowPipeline
+
+        return RectifiedFlowPipeline.from_pretrained(str(path), **kw).to(dev)
     raise ZooError(f"no loader for zoo model {name!r}")  # pragma: no cover - ENTRIES and loaders kept in sync
 
 

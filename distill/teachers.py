@@ -1,0 +1,175 @@
+"""Teachers: deterministic maps z0 → z1 (noise → clean latent) given prompts, used to make reflow couplings.
+
+A teacher must be a deterministic function of (z0, prompt, config): the coupling (z0, z1) is what reflow trains on
+(the "reflow" procedure of Liu et al. 2022, arXiv 2209.03003). Stochastic samplers are refused (spec §3.2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+SD_SOLVERS = ("ddim", "dpmsolver++")
+STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                         "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler")
+
+
+class TeacherError(ValueError):
+    """A teacher cannot be used: missing, of an unknown kind, or not deterministic."""
+
+
+@runtime_checkable
+class TeacherSampler(Protocol):
+    deterministic: bool
+
+    def __call__(self, z0: torch.Tensor, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        """z1 (latent times the VAE scaling factor) for noise `z0` and one prompt per row."""
+        ...
+
+    def describe(self) -> dict:
+        """Everything that determines the map z0 → z1 (goes into the pair manifest and its hash)."""
+        ...
+
+
+def check_guidance(guidance_scale: float) -> float:
+    """Imagen-form guidance scale: w = 1 is off, w > 1 is CFG; w ≤ 0 is an error (spec §2.4)."""
+    w = float(guidance_scale)
+    if not w > 0:
+        raise TeacherError(f"teacher guidance scale must be > 0 (Imagen form: 1.0 = no guidance), got {w}")
+    return w
+
+
+class SDPipelineTeacher:
+    """A Stable-Diffusion-style pipeline (the 1-RF: the original ε-model's probability-flow ODE) with a
+    deterministic solver: DDIM with η = 0 (Song et al. 2021, Eq. 12) or DPM-Solver++(2M) (Lu et al. 2022)."""
+
+    deterministic = True
+
+    def __init__(self, pipe, *, solver: str = "ddim", steps: int = 25, name: str = "pipeline"):
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+        if solver not in SD_SOLVERS:
+            raise TeacherError(f"unknown teacher solver {solver!r}; deterministic solvers: {', '.join(SD_SOLVERS)}")
+        if steps < 1:
+            raise TeacherError(f"teacher steps must be >= 1, got {steps}")
+        self.pipe, self.solver, self.steps, self.name = pipe, solver, int(steps), name
+        if solver == "ddim":
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        else:
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
+                                                                     algorithm_type="dpmsolver++", solver_order=2)
+        check_deterministic(pipe.scheduler)
+        if float(pipe.scheduler.init_noise_sigma) != 1.0:
+            raise TeacherError(f"{type(pipe.scheduler).__name__}.init_noise_sigma is "
+                               f"{pipe.scheduler.init_noise_sigma}; the pair convention needs 1.0")
+        pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, z0: torch.Tensor, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        w = check_guidance(guidance_scale)
+        kw = {"eta": 0.0} if self.solver == "ddim" else {}
+        with torch.no_grad():
+            out = self.pipe(prompts, latents=z0.to(self.pipe.device, self.pipe.unet.dtype),
+                            num_inference_steps=self.steps, guidance_scale=w, output_type="latent", **kw)
+        return out.images.float().cpu()
+
+    def describe(self) -> dict:
+        return {"kind": "sd-pipeline", "teacher": self.name, "solver": self.solver, "steps": self.steps,
+                "scheduler": type(self.pipe.scheduler).__name__, "weights": weights_fingerprint(self.pipe.unet)}
+
+
+class RectifiedFlowEulerTeacher:
+    """A k-RF (k ≥ 1, a `RectifiedFlowPipeline`) integrated with N Euler steps: makes the (k+1)-RF couplings and the
+    one-step distillation targets (InstaFlow, arXiv 2309.06380, §3)."""
+
+    deterministic = True
+
+    def __init__(self, pipe, *, steps: int = 25, name: str = "pipeline"):
+        if steps < 1:
+            raise TeacherError(f"teacher steps must be >= 1, got {steps}")
+        self.pipe, self.steps, self.name = pipe, int(steps), name
+        pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, z0: torch.Tensor, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        w = check_guidance(guidance_scale)
+        out = self.pipe(prompts, latents=z0, num_inference_steps=self.steps, guidance_scale=w, output_type="latent")
+        return out.images.float().cpu()
+
+    def describe(self) -> dict:
+        return {"kind": "rf-euler", "teacher": self.name, "solver": "euler", "steps": self.steps,
+                "weights": weights_fingerprint(self.pipe.unet)}
+
+
+def check_deterministic(scheduler) -> None:
+    """Refuse samplers that inject noise: the map z0 → z1 must be a function (spec §3.2)."""
+    name = type(scheduler).__name__
+    cfg = getattr(scheduler, "config", {})
+    if name in STOCHASTIC_SCHEDULERS or "Ancestral" in name:
+        raise TeacherError(f"{name} is stochastic; reflow pairs need a deterministic solver ({', '.join(SD_SOLVERS)})")
+    if "sde" in str(cfg.get("algorithm_type", "")):
+        raise TeacherError(f"{name} with algorithm_type={cfg.get('algorithm_type')!r} is stochastic")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short SHA-256 of a module's parameters (names, shapes and values): ties pairs to the exact weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pipeline_kind(path: str | Path) -> str:
+    """The `_class_name` of a saved pipeline folder."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise TeacherError(f"teacher folder {path} has no model_index.json (not a saved diffusers pipeline)")
+    return json.loads(index.read_text())["_class_name"]
+
+
+def load_pipeline(name_or_path: str, device: str | torch.device = "cpu"):
+    """A zoo entry name (e.g. `digits-sd`, `random-sd`) or a saved pipeline folder → pipeline (fp32, eval)."""
+    from ..zoo.registry import ENTRIES, ZooError
+    from ..zoo.registry import load as zoo_load
+
+    if name_or_path in ENTRIES:
+        try:
+            return zoo_load(name_or_path, device=device)
+        except ZooError as exc:
+            raise TeacherError(f"teacher {name_or_path!r}: {exc}") from exc
+    path = Path(name_or_path)
+    if not path.exists():
+        raise TeacherError(f"teacher {name_or_path!r} not found: neither a zoo entry ({', '.join(ENTRIES)}) "
+                           "nor an existing pipeline folder")
+    kind = pipeline_kind(path)
+    if kind == "RectifiedFlowPipeline":
+        from .pipeline import RectifiedFlowPipeline
+
+        return RectifiedFlowPipeline.from_pretrained(str(path), local_files_only=True).to(device)
+    if kind == "StableDiffusionPipeline":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, local_files_only=True).to(device)
+    raise TeacherError(f"teacher {path}: pipeline class {kind!r} is not supported "
+                       "(StableDiffusionPipeline or RectifiedFlowPipeline)")
+
+
+def make_teacher(name_or_path: str, *, solver: str = "ddim", steps: int = 25,
+                 device: str | torch.device = "cpu") -> TeacherSampler:
+    """Load a teacher and wrap it: SD pipelines get `solver`, rectified-flow pipelines Euler steps."""
+    from .pipeline import RectifiedFlowPipeline
+
+    pipe = load_pipeline(name_or_path, device)
+    if isinstance(pipe, RectifiedFlowPipeline):
+        if solver not in ("euler", "ddim"):  # ddim is the default flag value; a RF teacher always uses Euler
+            raise TeacherError(f"a rectified-flow teacher is integrated with Euler steps, not {solver!r}")
+        return RectifiedFlowEulerTeacher(pipe, steps=steps, name=str(name_or_path))
+    if solver == "euler":
+        raise TeacherError(f"teacher {name_or_path!r} is an ε-model pipeline; use --teacher_solver ddim or dpmsolver++")
+    return SDPipelineTeacher(pipe, solver=solver, steps=steps, name=str(name_or_path))
