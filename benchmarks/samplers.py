@@ -230,11 +230,12 @@ def report(args: argparse.Namespace) -> str:
               f"Machine: {r0['machine']}. Seed {r0['seed']}; FID/KID with {r0['extractor']} (d=128) against "
               f"the zoo digits test split (n={r0['n_reference']}). NFE = measured denoiser calls per batch "
               "(`count_nfe`). All schedulers on the model's training schedule with `trailing` spacing, except "
-              "'S-PNDM (leading)' (the model's shipped `leading` grid with steps_offset=1, ending at t=1; the "
-              "baselines were NOT run on that grid, so that row is not a same-grid comparison); digits-ddpm "
+              "rows marked '(leading)' (the model's shipped `leading` grid with steps_offset=1, ending at t=1; "
+              "the goal lines compare against the best baseline on either grid); digits-ddpm "
               "DDIM keeps its shipped `clip_sample=True`; digits-sd uses CFG 7.5 (one batched call per step). "
               "Time-Shift: window 40/30/8 for <=10/<=20/<=50 transitions, cutoff 300 (paper Fig. 7, untuned). "
-              "'—' = not run (time ran out) or infeasible (F-PNDM costs N+9 with N >= 4). "
+              "'—' = not run (not needed for the goal, or time ran out) or infeasible (F-PNDM costs N+9 with N >= 4). "
+              "Per-image seconds are not comparable across rows: the CPU was shared with other jobs. "
               f"Noise floor (real training digits vs the test split): {floor_text or 'not computed'}. "
               f"Denoiser weights (sha256 prefix): {digests}.",
               "", "Commands that produced these rows:", "",
