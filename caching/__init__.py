@@ -2,6 +2,9 @@
 
 * Encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024) for UNet2DModel / UNet2DConditionModel:
   `apply_encoder_propagation(unet_or_pipe, EncoderPropagationConfig(...))`, `remove_encoder_propagation(...)`.
+* HarmoniCa (Huang et al., ICML 2025) for DiTTransformer2DModel / PixArtTransformer2DModel: binary `CachePlan`s
+  (learned by a `Router`, or FORA / random baselines) applied with `apply_cache_plan(transformer_or_pipe, plan)`,
+  `remove_cache_plan(...)`; routers are trained by `caching.harmonica_train` / `diffaccel cache train-router`.
 * Shared machinery (step tracking, per-generation reset, batch helpers): `caching.hooks`;
   `cache_session(pipe)` / `cached_call(pipe, **kwargs)` reset caches around a call.
 """
@@ -20,6 +23,17 @@ from .encoder_propagation import (
     remove_encoder_propagation,
     sample_initial_noise,
 )
+from .harmonica import (
+    CachePlan,
+    CachePlanCounters,
+    Router,
+    apply_cache_plan,
+    cache_plan_counters,
+    fora_plan,
+    random_plan,
+    remove_cache_plan,
+    shipped_plans,
+)
 from .hooks import CachedPipeline, StepTracker, ToolkitHook, cache_session, cached_call, reset_caches
 from .key_steps import (
     SD50_KEY_STEPS,
@@ -35,6 +49,15 @@ from .key_steps import (
 )
 
 __all__ = [
+    "CachePlan",
+    "CachePlanCounters",
+    "Router",
+    "apply_cache_plan",
+    "cache_plan_counters",
+    "fora_plan",
+    "random_plan",
+    "remove_cache_plan",
+    "shipped_plans",
     "CONTROLNET_HOOK",
     "CachedPipeline",
     "DENOISER_HOOK",
