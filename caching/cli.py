@@ -1,0 +1,133 @@
+"""`diffaccel cache train-router | plan-info`: HarmoniCa router training and cache-plan inspection.
+
+Exit codes: 0 ok; 2 bad input (unknown model or plan, invalid values, checkpoint/config mismatch); 1 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="feature caching: train HarmoniCa routers, inspect cache plans",
+                       description="Feature caching: train a HarmoniCa router (SDT + IEPO) and inspect cache plans.")
+    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="{train-router,plan-info}")
+
+    q = csub.add_parser("train-router", help="train a HarmoniCa router and write its binary cache plan",
+                        description="Train a HarmoniCa router (Step-wise Denoising Training with the Image-Error-Proxy "
+                                    "objective) for a class-conditional DiT pipeline and write the binary cache plan "
+                                    "(safetensors), the router logits and a JSON card with this command.")
+    q.add_argument("--model", default="digits-dit", help="zoo DiT pipeline (default digits-dit)")
+    q.add_argument("--steps", type=int, default=20, help="sampling steps the plan is for (default 20)")
+    q.add_argument("--trajectories", type=int, default=120, help="training trajectories (default 120)")
+    q.add_argument("--batch-size", type=int, default=16, help="images per trajectory; CFG doubles the rows")
+    q.add_argument("--guidance", type=float, default=4.0, help="CFG scale used in training and inference (4.0)")
+    q.add_argument("--beta", type=float, default=1e-4, help="reuse incentive β: larger -> more cache reuse")
+    q.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate on the router logits")
+    q.add_argument("--threshold", type=float, default=0.1, help="τ: compute where sigmoid(Θ) > τ (0.1)")
+    q.add_argument("--lambda-every", type=int, default=10, help="trajectories between image-error-proxy refreshes")
+    q.add_argument("--lambda-mode", choices=["released", "paper"], default="released",
+                   help="IEPO weight: released code's incremental form (default) or the paper's")
+    q.add_argument("--no-sdt", action="store_true", help="ablation: teacher trajectory, exact caches (L2C-like)")
+    q.add_argument("--no-iepo", action="store_true", help="ablation: λ_s = 1 (per-step output matching only)")
+    q.add_argument("--cost-weighted", action="store_true",
+                   help="diffaccel extension: weight each unit's β term by its FLOPs share (not in the paper)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; results depend on it)")
+    q.add_argument("--out", type=Path, required=True, help="plan file to write (.safetensors); the router goes to "
+                   "<stem>.router.safetensors and the card to <stem>.json beside it")
+    q.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default <out stem>.ckpt.pt)")
+    q.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    q.add_argument("--json", action="store_true", help="print the card as JSON on stdout")
+    q.set_defaults(func=cmd_train_router)
+
+    q = csub.add_parser("plan-info", help="describe a cache plan (file or shipped name); no NAME lists shipped plans",
+                        description="Describe a cache plan: layout, steps, cache-usage ratio, per-step computed units "
+                                    "and training metadata. Without NAME, list the plans shipped with diffaccel.")
+    q.add_argument("name", nargs="?", default=None, help="plan file or shipped plan name")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_plan_info)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_train_router(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import zoo
+    from .harmonica_train import TrainConfig, train_router, write_card
+
+    if args.threads < 1:
+        return _fail(f"--threads must be >= 1, got {args.threads}")
+    if args.out.suffix != ".safetensors":
+        return _fail(f"--out must end in .safetensors, got {args.out}")
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(num_steps=args.steps, trajectories=args.trajectories, batch_size=args.batch_size,
+                         guidance_scale=args.guidance, beta=args.beta, lr=args.lr, threshold=args.threshold,
+                         lambda_every=args.lambda_every, lambda_mode=args.lambda_mode, sdt=not args.no_sdt,
+                         iepo=not args.no_iepo, seed=args.seed, cost_weighted=args.cost_weighted)
+    pipe = zoo.load(args.model)
+    ckpt = args.checkpoint or args.out.with_name(args.out.stem + ".ckpt.pt")
+    try:
+        result = train_router(pipe, config, checkpoint=ckpt, resume=args.resume)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    except TypeError as exc:
+        return _fail(str(exc))
+    result.plan.metadata["model"] = args.model
+    command = "diffaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["cache"] else \
+        f"diffaccel cache train-router --model {args.model} --steps {args.steps} ..."
+    result.plan.metadata["command"] = command
+    result.plan.save(args.out)
+    result.router.save(args.out.with_name(args.out.stem + ".router.safetensors"))
+    card_path = args.out.with_name(args.out.stem + ".json")
+    write_card(card_path, result, config, command, args.model, {"history": result.history})
+    summary = {"plan": str(args.out), "card": str(card_path), "usage_ratio": result.plan.usage_ratio,
+               "train_seconds": round(result.seconds, 1), "first_loss": result.history[0]["loss"],
+               "last_loss": result.history[-1]["loss"]}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"plan {args.out}: cache-usage ratio {result.plan.usage_ratio:.1%}, "
+              f"trained {result.seconds / 60:.1f} min, loss {summary['first_loss']:.3g} -> {summary['last_loss']:.3g}")
+    return 0
+
+
+def cmd_plan_info(args: argparse.Namespace) -> int:
+    from .harmonica import CachePlan, shipped_plans
+
+    if args.name is None:
+        plans = {name: str(path) for name, path in shipped_plans().items()}
+        if args.json:
+            print(json.dumps(plans, indent=1))
+        else:
+            for name in plans:
+                plan = CachePlan.load(plans[name])
+                print(f"{name:40s} steps {plan.num_steps:3d}  units {plan.num_units:3d}  "
+                      f"usage {plan.usage_ratio:6.1%}  {plan.model_class}")
+        return 0
+    try:
+        plan = CachePlan.load(args.name)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    info = plan.describe()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"model class      {info['model_class']} ({info['num_blocks']} blocks, units {info['unit_kind']})")
+    print(f"scheduler        {info['scheduler_class']}, {info['steps']} steps")
+    print(f"cache usage      {info['usage_ratio']:.1%} ({info['skipped_units']} of {info['steps'] * info['units']} "
+          "(step, unit) pairs reused)")
+    print("units computed per step: " + " ".join(str(c) for c in info["computed_units_per_step"]))
+    for row in plan.mask.tolist():
+        print("  " + "".join("#" if c else "." for c in row))
+    for k, v in sorted(info["metadata"].items()):
+        print(f"{k:16s} {v}")
+    return 0
