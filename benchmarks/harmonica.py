@@ -295,6 +295,12 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines += ["", f"Check with other samples ({extra.name}: {xrows[0]['num_images']} images, seeds from "
                   f"{xrows[0]['seed']}): " + "; ".join(
                       f"{r['row']} FID {r['fid']:.3f} ({r['fid'] / xbase['fid'] - 1:+.1%})" for r in xrows) + "."]
+    run1 = RESULTS / "harmonica_speed_run1.jsonl"
+    if run1.exists():
+        lines += ["", "Not used: `harmonica_speed_run1.jsonl`, an earlier speed run under heavy CPU contention (its "
+                  "plain loops took 233 / 115 / 92 s in a row, and one cached loop came out faster than the FLOPs "
+                  "ratio allows); kept as a record of why the loops were re-timed on a quieter machine."]
+    lines += ["", "What the rows say, and the caveats: `caching/README.md` (HarmoniCa, results so far)."]
     lines += ["", "Commands that produced these files (quality rows were added with --resume as plans were trained):",
               "", "```", *COMMANDS, "```", ""]
     md = RESULTS / "harmonica.md"
