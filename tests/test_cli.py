@@ -58,6 +58,6 @@ def test_console_module_entry_point():
 def test_demo_prints_time_and_nfe(tmp_path, capsys):
     assert main(["demo", "-n", "2", "--out", str(tmp_path), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["nfe"] for r in rows] == [25, 10]
+    assert [r["nfe"] for r in rows] == [25, 10, 1]  # DDIM, DPM-Solver++, the one-step student
     assert all(r["seconds_per_image"] > 0 for r in rows)
-    assert len(list(tmp_path.glob("*.png"))) == 4
+    assert len(list(tmp_path.glob("*.png"))) == 6
