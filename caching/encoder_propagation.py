@@ -421,23 +421,12 @@ class PriorNoiseInjection:
         ts = scheduler.timesteps
         values = [float(v) for v in (ts.tolist() if isinstance(ts, torch.Tensor) else ts)]
         t_next = self._next_timestep(values, float(timestep))
-        if t_next is not None and t_next < self.tau_frac * _num_train_timesteps(scheduler):
+        if t_next is not None and t_next < self.tau_frac * scheduler.config.num_train_timesteps:
             latents = out["latents"]
             z_t = self.noise.to(device=latents.device, dtype=latents.dtype) * scheduler.init_noise_sigma
             out["latents"] = latents + self.alpha * z_t
             self.injected_steps.append(step + 1)
         return out
-
-
-def _num_train_timesteps(scheduler: Any) -> int:
-    """T of the training schedule; wrappers such as `TimeShiftScheduler` keep it on their `base` scheduler."""
-    value = scheduler.config.get("num_train_timesteps")
-    if value is None and hasattr(scheduler, "base"):
-        value = scheduler.base.config.get("num_train_timesteps")
-    if value is None:
-        raise ValueError(f"{type(scheduler).__name__} has no num_train_timesteps in its config; prior noise injection "
-                         "needs it to place the cut-off τ")
-    return int(value)
 
 
 def sample_initial_noise(pipe: Any, call_kwargs: dict[str, Any]) -> torch.Tensor:

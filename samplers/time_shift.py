@@ -122,6 +122,8 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         halfwidth_rule: ``floor_half`` (h = w // 2, Table-1 code) or ``full`` (h = w, DEIS wrapper).
         variance_source: ``sample`` (the incoming state, Table-1 code) or ``model_output`` (the official
             DPM-Solver wrapper measures the variance of the model output).
+        num_train_timesteps: copied from the base scheduler (a different value is an error); kept in this
+            config so code that reads `scheduler.config.num_train_timesteps` sees the training schedule's T.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -135,6 +137,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         cutoff: int = 1000,
         halfwidth_rule: str = "floor_half",
         variance_source: str = "sample",
+        num_train_timesteps: int | None = None,
     ):
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
@@ -145,6 +148,12 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         base_cls = _resolve_class(base_class)
         self.base = base_cls.from_config(dict(base_config or {}))
         self._check_base(self.base)
+        # Mirror the base's T in our own config: pipelines and hooks read `scheduler.config.num_train_timesteps`.
+        base_t = int(self.base.config.num_train_timesteps)
+        if num_train_timesteps is not None and int(num_train_timesteps) != base_t:
+            raise ValueError(f"num_train_timesteps={num_train_timesteps} disagrees with the base scheduler's "
+                             f"{base_t}; leave it unset (it is copied from the base)")
+        self.register_to_config(num_train_timesteps=base_t)
         self._k = 0  # transitions completed (generic bases: one step() call each)
         self.last_shift: torch.Tensor | None = None  # per-sample target times chosen at the latest step
 

@@ -277,3 +277,13 @@ def test_variance_source_model_output_changes_the_choice(x64):
 
     a, b = shifts("sample"), shifts("model_output")
     assert a[1] is not None and b[1] is not None and a != b
+
+
+def test_config_mirrors_the_base_num_train_timesteps():
+    """Pipelines and hooks read `scheduler.config.num_train_timesteps`; the wrapper carries the base's T."""
+    base = DDIMScheduler(num_train_timesteps=500)
+    ts = TimeShiftScheduler.wrap(base, window=3, cutoff=300)
+    assert ts.config.num_train_timesteps == 500
+    assert TimeShiftScheduler.from_config(ts.config).config.num_train_timesteps == 500
+    with pytest.raises(ValueError, match="disagrees with the base"):
+        TimeShiftScheduler.wrap(base, window=3, cutoff=300, num_train_timesteps=1000)
