@@ -19,6 +19,7 @@ from diffaccel.app.runner import (
     one_step_available,
     shipped_plan_names,
 )
+from tolerances import network_atol, uint8_atol
 
 # tiny runs: 2 images, few steps, no warm-up (timing is not under test here)
 SMALL = dict(num_images=2, baseline_steps=4, steps=4, warmup=0)
@@ -46,7 +47,11 @@ def test_seeds_shared_and_per_image(runner):
     two = runner.run(RunRequest(model="digits-dit", prompt="3", sampler="DDIM", **SMALL))
     one = runner.run(RunRequest(model="digits-dit", prompt="3", sampler="DDIM", seed=1,
                                 **{**SMALL, "num_images": 1}))
-    assert torch.equal(two.baseline.images[1:], one.baseline.images)
+    # a batch of 2 vs a batch of 1: same arithmetic in another blocking; float round-off of the 4 transformer
+    # calls and the decode can move a pixel across a rounding boundary, one uint8 level
+    pipe = runner.models.get("digits-dit").pipe
+    levels = uint8_atol(network_atol(pipe.transformer, calls=SMALL["steps"]) + network_atol(pipe.vae.decoder))
+    assert (two.baseline.images[1:].int() - one.baseline.images.int()).abs().max() <= levels
 
 
 def test_no_hooks_or_scheduler_left_after_accelerated_run(runner):

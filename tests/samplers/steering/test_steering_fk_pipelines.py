@@ -7,6 +7,7 @@ from diffaccel import zoo
 from diffaccel.core import make_generator
 from diffaccel.samplers.steering.fk import FKConfig, FKSteering, X0Recorder
 from diffaccel.samplers.steering.rewards import CallableReward, ConstantReward, RewardError
+from tolerances import network_atol, roundoff_atol
 
 PROMPTS = ["a handwritten digit seven", "a handwritten digit one"]
 STEPS = 6
@@ -26,6 +27,10 @@ def dit():
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.eval()  # in train mode its label embedding drops labels with the *global* RNG
     return pipe
+
+
+def pixel_mean_atol(images: torch.Tensor) -> float:
+    return roundoff_atol(torch.float32, images[0].numel())  # a mean of C*H*W values in [0, 1]
 
 
 def brightness(images, prompts):
@@ -64,7 +69,8 @@ def test_steering_moves_rewards_and_counts_compute(sd):
               output_type="pt").images
     assert out.images.shape == base.shape == (8, 3, 16, 16)
     assert brightness(out.images, None).mean() > brightness(base, None).mean()
-    assert torch.allclose(out.rewards.reshape(-1), brightness(out.images, None), atol=1e-5)  # rewards of returned
+    # rewards of the returned particles: the mean over C*H*W pixels, summed in another blocking
+    assert torch.allclose(out.rewards.reshape(-1), brightness(out.images, None), atol=pixel_mean_atol(out.images))
     rows, events = 2 * 4, 3
     assert out.nfe["denoiser_calls"] == STEPS and out.nfe["denoiser_rows"] == 2 * rows * STEPS  # CFG doubles rows
     assert out.nfe["reward_calls"] == events and out.nfe["reward_items"] == rows * events
@@ -91,12 +97,14 @@ def test_dit_k1_equals_stock_and_k3_runs(dit):
     fk = FKSteering(dit, CallableReward(brightness), FKConfig(num_particles=1, allow_deterministic=True, **SCHED))
     out = fk(class_labels=[3, 5], num_inference_steps=STEPS, eta=0.0, generator=make_generator(4), output_type="pt")
     ref = dit([3, 5], num_inference_steps=STEPS, generator=make_generator(4), output_type="pt").images
-    assert torch.allclose(out.images, ref, atol=1e-5)  # stock steps a 2B batch; identical up to float round-off
+    # stock steps a 2B batch (guidance halves) where k = 1 steps B rows: same arithmetic, float round-off apart
+    atol = network_atol(dit.transformer, calls=STEPS) + network_atol(dit.vae.decoder)
+    assert torch.allclose(out.images, ref, atol=atol)
     assert out.nfe["denoiser_calls"] == STEPS and out.nfe["denoiser_rows"] == 2 * 2 * STEPS
     out = FKSteering(dit, CallableReward(brightness), FKConfig(num_particles=3, lmbda=100.0, **SCHED))(
         class_labels=[3, 5], num_inference_steps=STEPS, generator=make_generator(4), output_type="pt")
     assert out.images.shape == (6, 3, 16, 16) and out.rewards.shape == (2, 3)
-    assert torch.allclose(out.rewards.reshape(-1), brightness(out.images, None), atol=1e-5)
+    assert torch.allclose(out.rewards.reshape(-1), brightness(out.images, None), atol=pixel_mean_atol(out.images))
 
 
 def test_deterministic_and_stateful_schedulers_are_rejected(sd):

@@ -14,6 +14,7 @@ from diffaccel.samplers.steering.rewards import (
     as_reward,
     score,
 )
+from tolerances import network_atol
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_classifier_reward_is_log_prob_of_the_prompted_digit(digits, classifier_
     wrong = [zoo.caption((y + 1) % 10) for y in labels]
     assert (r > classifier_reward(x, wrong)).float().mean() > 0.8
     per_item = torch.cat([classifier_reward(x[i:i + 1], prompts[i:i + 1]) for i in range(12)])
-    assert torch.allclose(r, per_item, atol=1e-5)
+    # per item vs batched: the classifier's layers sum in another blocking; log-probs are O(|r|)
+    assert torch.allclose(r, per_item, atol=network_atol(classifier_reward.classifier, float(r.abs().max())))
     with pytest.raises(ValueError, match="no single digit"):
         classifier_reward(x[:1], ["a cat"])
 
@@ -53,9 +55,11 @@ def test_clip_reward_prefers_the_right_caption(digits):
     assert r.shape == (12,) and r.dtype == torch.float32 and torch.all(r.abs() <= 1)
     wrong = [zoo.caption((y + 5) % 10) for y in labels]
     assert (r > reward(x, wrong)).float().mean() > 0.6
-    assert torch.allclose(r[:3], torch.cat([reward(x[i:i + 1], prompts[i:i + 1]) for i in range(3)]), atol=1e-4)
+    # batch-size round-off only: both CLIP towers (cosine of unit vectors, so magnitude 1)
+    atol = network_atol(reward.model)
+    assert torch.allclose(r[:3], torch.cat([reward(x[i:i + 1], prompts[i:i + 1]) for i in range(3)]), atol=atol)
     folder = CLIPReward(zoo.entry_path("digits-clip"), batch_size=5)  # any local CLIP folder; micro-batched
-    assert torch.allclose(folder(x, prompts), r, atol=1e-3)  # batch-size round-off only
+    assert torch.allclose(folder(x, prompts), r, atol=atol)
 
 
 def test_compressibility_reward_prefers_flat_images():
