@@ -25,7 +25,7 @@ _EXPORTS = {
     # parallel
     "PatchParallelConfig": "parallel", "parallelize": "parallel",
     # evals
-    "evaluate": "evals",
+    "evaluate": "evals", "paired_fidelity": "evals",
 }
 
 __all__ = ["__version__", *_SUBPACKAGES, *_EXPORTS]

@@ -1,4 +1,5 @@
-"""Evaluation: FID / KID / IS / CLIP score with named extractors and resize modes, and the shared harness.
+"""Evaluation: FID / KID / IS / CLIP score with named extractors and resize modes, paired fidelity (PSNR / SSIM /
+feature distance against the unaccelerated images of the same seeds), and the shared harness.
 
 Every number carries the extractor (and its digest), dims, resize mode and sample counts (spec `evals.md` §0).
 """
@@ -32,6 +33,7 @@ from .metrics import (
     inception_score,
     kid,
 )
+from .paired import PairedFidelity, paired_fidelity
 from .stats import ReferenceStats, load_stats, save_stats
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "Features",
     "InceptionExtractor",
     "KIDResult",
+    "PairedFidelity",
     "ReferenceStats",
     "StatsMismatchError",
     "baseline_suite",
@@ -70,6 +73,7 @@ __all__ = [
     "load_extractor",
     "load_fid_inception",
     "load_stats",
+    "paired_fidelity",
     "prepare_images",
     "reference_features",
     "reference_images",

@@ -63,7 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bench", help="run a suite of pipeline configurations through the evaluation harness",
         description="Generate images for each configuration of a suite with the same seeds and report images/s, "
                     "seconds/image, NFE, FLOPs, FID/KID (domain: digits-features) vs the zoo test split, "
-                    "prompted-class accuracy and CLIP score. Exit codes: 0 ok, 2 bad input, 3 missing weights.")
+                    "prompted-class accuracy and CLIP score, and with --reference the paired PSNR/SSIM/feature "
+                    "distance to an unaccelerated configuration at the same seeds. Exit codes: 0 ok, 2 bad input, "
+                    "3 missing weights.")
     b.add_argument("--suite", default="baseline", help="suite name (see --list; default baseline)")
     b.add_argument("--config", action="append", default=None, metavar="NAME",
                    help="run only the configurations whose name starts with NAME (repeatable)")
@@ -71,6 +73,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--steps", type=int, default=None, help="sampling steps (default: the suite's)")
     b.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default min(n, 50))")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--reference", default=None, metavar="NAME",
+                   help="pair every configuration with configuration NAME (same seeds): adds PSNR, SSIM and "
+                        "feature distance against its images (default: the suite's own pairing, if any)")
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting call (a plain warm-up instead)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.add_argument("--list", action="store_true", help="list the suites and their configurations, then exit")
@@ -232,7 +237,8 @@ def cmd_bench(args) -> int:
         raise ZooError(f"suite {args.suite!r} needs zoo weights that are missing: {', '.join(missing)}; "
                        f"run `diffaccel zoo train <name>` for each")
     kwargs = {"batch_size": args.batch_size, "count_flops": not args.no_flops}
-    results = run_bench(configs, args.num_images, args.seed, progress=not args.quiet, **kwargs)
+    results = run_bench(configs, args.num_images, args.seed, progress=not args.quiet, reference=args.reference,
+                        **kwargs)
     if args.json:
         print(json.dumps({"suite": args.suite, "results": [r.as_dict() for r in results]}))
     else:

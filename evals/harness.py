@@ -9,7 +9,9 @@ per-image seeds (image i always uses seed + i, whatever the batch size), and mea
   and FLOPs per image from torch's `FlopCounterMode` over a one-image call (matmuls, convolutions and attention);
 - quality: FID and KID (domain: digits-features, d = 128) against the zoo's digits test split (n = 360), the
   prompted-class accuracy of the digits classifier and the CLIP score (zoo `digits-clip`) when prompts or labels
-  exist.
+  exist;
+- paired fidelity, when given the unaccelerated images of the same seeds (`paired_reference=`): PSNR, SSIM and
+  feature distance image by image (`evals.paired`).
 
 `diffaccel bench` runs named suites of `BenchConfig`s through it; later methods add suites with `register_suite`.
 """
@@ -31,6 +33,7 @@ from ..core import count_nfe, make_generators, measure, pipeline_output_to_uint8
 from .errors import EvalInputError, FeatureExtractorWeightsNotFound
 from .extractors import FeatureExtractor, load_extractor
 from .metrics import Features, clip_score, features_from_images, fid_from_stats, kid
+from .paired import PairedFidelity, paired_fidelity
 
 
 @dataclass
@@ -64,11 +67,14 @@ class EvalResult:
     n_a: int
     n_b: int
     notes: list[str] = field(default_factory=list)
+    paired: PairedFidelity | None = None  # against the unaccelerated images of the same seeds, when given
+    paired_with: str | None = None  # name of the reference configuration
     images: torch.Tensor | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("images")
+        d["paired"] = self.paired.as_dict() if self.paired is not None else None
         return d
 
 
@@ -152,15 +158,21 @@ def evaluate(pipeline, prompts_or_labels: Sequence[str | int] | None = None, num
              *, name: str | None = None, batch_size: int | None = None, extractor: str | FeatureExtractor = "digits",
              resize: str = "clean", reference: str = "test", clip_model: str | None = "digits-clip",
              kid_subsets: int = 100, kid_subset_size: int = 1000, count_flops: bool = True, warmup: bool = True,
-             keep_images: bool = False, progress: bool = False, **call_kwargs: Any) -> EvalResult:
+             keep_images: bool = False, progress: bool = False, paired_reference: torch.Tensor | None = None,
+             paired_with: str | None = None, **call_kwargs: Any) -> EvalResult:
     """Generate `num_images` images with `pipeline(...)` and measure speed, cost and quality (module docstring).
 
     `prompts_or_labels` are cycled to `num_images`: prompts (or digits, turned into captions) for text-to-image
     pipelines, digit labels (or prompts naming one) for class-conditional ones, None for unconditional ones
     (default for conditional pipelines: the digits 0-9). `call_kwargs` go to every pipeline call
-    (e.g. `num_inference_steps=25`, `guidance_scale=4.0`)."""
+    (e.g. `num_inference_steps=25`, `guidance_scale=4.0`). `paired_reference`: the unaccelerated images of the
+    same seeds and conditioning (uint8 NCHW, e.g. another result's `images`), named `paired_with`; the result then
+    carries their paired fidelity."""
     if num_images < 2:
         raise EvalInputError(f"num_images must be >= 2 for FID/KID, got {num_images}")
+    if paired_reference is not None and paired_reference.shape[0] != num_images:
+        raise EvalInputError(f"paired_reference has {paired_reference.shape[0]} images, expected {num_images} "
+                             "(the same seeds and count)")
     batch_size = batch_size or min(num_images, 50)
     if batch_size < 1:
         raise EvalInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -221,6 +233,10 @@ def evaluate(pipeline, prompts_or_labels: Sequence[str | int] | None = None, num
         except FeatureExtractorWeightsNotFound as exc:
             notes.append(f"CLIP score skipped: {exc}")
 
+    paired = None
+    if paired_reference is not None:
+        paired = paired_fidelity(images, paired_reference, extractor=ext)
+
     desc = ext.describe()
     return EvalResult(
         name=name or type(pipeline).__name__, pipeline=type(pipeline).__name__, num_images=num_images,
@@ -232,8 +248,8 @@ def evaluate(pipeline, prompts_or_labels: Sequence[str | int] | None = None, num
         fid=fid_from_stats(gen.reference(), ref.reference()), kid_mean=k.mean, kid_std=k.std, kid_subset_size=m,
         class_accuracy=accuracy, clip_score=clip_value, clip_model=clip_name, extractor=desc["extractor"],
         extractor_sha256=desc["extractor_sha256"], dims=desc["dims"], resize=desc["resize"],
-        reference=f"zoo digits {reference} split", n_a=gen.stats.n, n_b=ref.stats.n, notes=notes,
-        images=images if keep_images else None)
+        reference=f"zoo digits {reference} split", n_a=gen.stats.n, n_b=ref.stats.n, notes=notes, paired=paired,
+        paired_with=paired_with if paired is not None else None, images=images if keep_images else None)
 
 
 # -------------------------------------------------------------------------------------------------- bench
@@ -248,6 +264,7 @@ class BenchConfig:
     call_kwargs: dict = field(default_factory=dict)
     prompts_or_labels: Sequence[str | int] | None = None
     requires: tuple[str, ...] = ()  # zoo entries whose weights must exist (checked before anything runs)
+    reference: str | None = None  # name of the unaccelerated configuration to pair with (PSNR/SSIM)
 
 
 def missing_requirements(configs: Sequence[BenchConfig]) -> list[str]:
@@ -305,20 +322,46 @@ def register_suite(name: str, builder: Callable[[int], list[BenchConfig]], defau
 
 
 def run_bench(configs: Sequence[BenchConfig], num_images: int = 100, seed: int = 0, *, progress: bool = True,
-              **evaluate_kwargs: Any) -> list[EvalResult]:
-    """Evaluate each configuration with the same seeds and image count."""
-    results = []
-    for cfg in configs:
+              reference: str | None = None, **evaluate_kwargs: Any) -> list[EvalResult]:
+    """Evaluate each configuration with the same seeds and image count.
+
+    A configuration whose `reference` (or, for all of them, `reference=`) names another configuration of the run
+    is paired with that one's images: PSNR/SSIM/feature distance against the same seeds. Referenced
+    configurations run first."""
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise EvalInputError(f"configuration names must be unique, got {names}")
+    wanted = {c.name: reference or c.reference for c in configs}
+    for name, ref in wanted.items():
+        if ref is not None and ref not in names:
+            raise EvalInputError(f"configuration {name!r} pairs with {ref!r}, which is not in this run; "
+                                 f"available: {', '.join(names)}")
+    referenced = {ref for ref in wanted.values() if ref is not None}
+    order = sorted(configs, key=lambda c: c.name not in referenced)  # stable: references first
+    keep_all = bool(evaluate_kwargs.pop("keep_images", False))
+    kept: dict[str, torch.Tensor] = {}
+    by_name: dict[str, EvalResult] = {}
+    for cfg in order:
         t0 = time.perf_counter()
         if progress:
             print(f"[bench] {cfg.name}: loading", file=sys.stderr)
         pipe = cfg.factory()
+        ref = wanted[cfg.name]
+        if ref is not None and ref != cfg.name and ref not in kept:
+            raise EvalInputError(f"configuration {cfg.name!r} pairs with {ref!r}, which itself pairs with another "
+                                 "configuration; pair every row with one unaccelerated configuration")
         res = evaluate(pipe, cfg.prompts_or_labels, num_images, seed, name=cfg.name, progress=progress,
+                       keep_images=keep_all or cfg.name in referenced,
+                       paired_reference=kept.get(ref) if ref != cfg.name else None, paired_with=ref,
                        **evaluate_kwargs, **cfg.call_kwargs)
+        if cfg.name in referenced:
+            kept[cfg.name] = res.images
+            if not keep_all:
+                res.images = None
         if progress:
             print(f"[bench] {cfg.name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        results.append(res)
-    return results
+        by_name[cfg.name] = res
+    return [by_name[n] for n in names]
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -327,16 +370,29 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def format_table(results: Sequence[EvalResult]) -> str:
     """Fixed-width table of the rows (FID/KID are domain: digits-features unless the header says otherwise)."""
+    paired = any(r.paired is not None for r in results)
     head = (f"{'configuration':30s} {'img/s':>7s} {'s/img':>8s} {'NFE':>5s} {'GFLOP/img':>10s} {'FID':>8s} "
             f"{'KIDx1e3':>8s} {'acc':>6s} {'CLIP':>6s}")
+    if paired:
+        head += f" {'PSNR':>6s} {'SSIM':>6s} {'fdist':>6s}"
     lines = [head, "-" * len(head)]
     for r in results:
         gflops = None if r.flops_per_image is None else r.flops_per_image / 1e9
-        lines.append(f"{r.name[:30]:30s} {r.images_per_second:7.2f} {r.seconds_per_image:8.4f} "
-                     f"{r.nfe_per_image:5.0f} {_fmt(gflops, '10.3f'):>10s} {r.fid:8.3f} "
-                     f"{r.kid_mean * 1e3:8.2f} {_fmt(r.class_accuracy, '6.1%'):>6s} {_fmt(r.clip_score, '6.2f'):>6s}")
+        line = (f"{r.name[:30]:30s} {r.images_per_second:7.2f} {r.seconds_per_image:8.4f} "
+                f"{r.nfe_per_image:5.0f} {_fmt(gflops, '10.3f'):>10s} {r.fid:8.3f} "
+                f"{r.kid_mean * 1e3:8.2f} {_fmt(r.class_accuracy, '6.1%'):>6s} {_fmt(r.clip_score, '6.2f'):>6s}")
+        if paired:
+            p = r.paired
+            line += ("" if p is None else
+                     f" {'inf' if math.isinf(p.psnr) else format(p.psnr, '6.2f'):>6s} {p.ssim:6.4f} "
+                     f"{_fmt(p.feature_dist, '6.4f'):>6s}")
+        lines.append(line)
     if results:
         r = results[0]
         lines.append(f"FID/KID: {r.extractor} (d={r.dims}, resize={r.resize}) vs {r.reference}, "
                      f"n_a={r.n_a}, n_b={r.n_b}, KID subsets of {r.kid_subset_size}")
+    refs = sorted({r.paired_with for r in results if r.paired is not None})
+    if refs:
+        lines.append(f"PSNR (dB, mean over differing pairs) / SSIM / feature distance: image by image against "
+                     f"the same seeds of {', '.join(refs)}")
     return "\n".join(lines)

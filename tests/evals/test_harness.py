@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -98,3 +99,32 @@ def test_bench_refuses_up_front_when_zoo_weights_are_missing(tmp_path, monkeypat
     assert main(["bench", "--suite", "baseline", "-n", "2"]) == 3
     err = capsys.readouterr().err
     assert "digits-ddpm" in err and "digits-dit" in err and "digits-sd" in err
+
+
+def test_run_bench_pairs_rows_with_their_reference(ddpm):
+    configs = [BenchConfig("ddpm-4", lambda: ddpm, {"num_inference_steps": 4}, reference="ddpm-8"),
+               BenchConfig("ddpm-8", lambda: ddpm, {"num_inference_steps": 8}),
+               BenchConfig("ddpm-8 again", lambda: ddpm, {"num_inference_steps": 8}, reference="ddpm-8")]
+    results = run_bench(configs, num_images=2, progress=False, count_flops=False, clip_model=None)
+    assert [r.name for r in results] == ["ddpm-4", "ddpm-8", "ddpm-8 again"]  # input order kept
+    fewer, ref, again = results
+    assert ref.paired is None and ref.images is None  # kept only for pairing, then dropped
+    assert fewer.paired_with == "ddpm-8" and fewer.paired.n == 2 and fewer.paired.identical < 2
+    assert math.isfinite(fewer.paired.psnr) and fewer.paired.ssim < 1.0 and fewer.paired.feature_dist > 0
+    # the same computation on the same seeds: bit-identical images, reported JSON-safely
+    assert again.paired.identical == 2 and again.as_dict()["paired"]["psnr"] is None
+    json.dumps(again.as_dict(), allow_nan=False)
+    table = format_table(results)
+    assert "PSNR" in table and "inf" in table and "against the same seeds of ddpm-8" in table
+    with pytest.raises(EvalInputError, match="not in this run"):
+        run_bench(configs[:1], num_images=2, progress=False)
+
+
+def test_bench_cli_reference_option(capsys):
+    code = main(["bench", "--suite", "smoke", "-n", "2", "--steps", "2", "--config", "random-ddpm", "--no-flops",
+                 "--reference", "random-ddpm DDIM-2", "--json", "-q"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out)["results"][0]
+    assert row["paired"] is None  # the reference itself is not paired with itself
+    assert main(["bench", "--suite", "smoke", "-n", "2", "--steps", "2", "--config", "random-ddpm",
+                 "--reference", "nope", "-q"]) == 2
