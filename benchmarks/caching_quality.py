@@ -38,7 +38,7 @@ from diffaccel.caching import (
     schedule_from_drift,
 )
 from diffaccel.core import make_generators
-from torch.utils.flop_counter import FlopCounterMode
+from diffaccel.core.flops import flop_counter
 
 
 def log(msg: str) -> None:
@@ -55,13 +55,13 @@ def unet_call_flops(pipe, propagate_up_blocks: int) -> tuple[int, int]:
     x = torch.randn(rows, unet.config.in_channels, side, side)
     extra = (torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim),) if conditional \
         else ()
-    with FlopCounterMode(display=False) as full:
+    with flop_counter() as full:
         unet(x, torch.tensor(981), *extra)
     apply_encoder_propagation(unet, EncoderPropagationConfig(key_steps=[0], noise_injection=None,
                                                              propagate_up_blocks=propagate_up_blocks))
     try:
         unet(x, torch.tensor(981), *extra)
-        with FlopCounterMode(display=False) as part:
+        with flop_counter() as part:
             unet(x, torch.tensor(961), *extra)
     finally:
         remove_encoder_propagation(unet)

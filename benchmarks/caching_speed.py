@@ -2,7 +2,7 @@
 
 Runs a DDIM denoising loop over `zoo.load("random-sd15-unet")` (859M parameters) three ways, interleaved so that
 machine noise hits all of them alike: the plain UNet, encoder propagation with sequential decoding, and with
-parallel decoding. FLOPs per UNet call come from `torch.utils.flop_counter.FlopCounterMode` on one full call and one
+parallel decoding. FLOPs per UNet call come from `core.flops.flop_counter` on one full call and one
 non-key (decoder-only) call; the schedule's FLOPs ratio is `N F_full / (K F_full + (N - K) F_dec)`. Wall time
 and process CPU time are both reported: on a shared machine CPU time is the one other processes barely disturb.
 
@@ -29,8 +29,8 @@ from diffaccel.caching import (
     remove_encoder_propagation,
     reset_caches,
 )
+from diffaccel.core.flops import flop_counter
 from diffusers import DDIMScheduler
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def log(msg: str) -> None:
@@ -62,12 +62,12 @@ def denoise(unet, scheduler, x0: torch.Tensor, ehs: torch.Tensor, steps: int) ->
 @torch.no_grad()
 def flops_per_call(unet, x: torch.Tensor, ehs: torch.Tensor) -> tuple[int, int]:
     """FLOPs of a full UNet call and of a non-key (decoder-only) call under encoder propagation."""
-    with FlopCounterMode(display=False) as full:
+    with flop_counter() as full:
         unet(x, torch.tensor(981), encoder_hidden_states=ehs)
     apply_encoder_propagation(unet, EncoderPropagationConfig(key_steps=[0], noise_injection=None))
     try:
         unet(x, torch.tensor(981), encoder_hidden_states=ehs)
-        with FlopCounterMode(display=False) as dec:
+        with flop_counter() as dec:
             unet(x, torch.tensor(961), encoder_hidden_states=ehs)
         assert encoder_propagation_counters(unet).encoder_passes == 1
     finally:

@@ -143,9 +143,9 @@ def _call(pipe, kind: str, cond: list | None, start: int, stop: int, seed: int, 
 
 
 def _flops_one_image(pipe, kind: str, cond: list | None, seed: int, call_kwargs: dict) -> float | None:
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..core.flops import flop_counter
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     try:
         with counter, torch.no_grad():
             _call(pipe, kind, cond, 0, 1, seed, call_kwargs)
