@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint app bench clean-venv
+.PHONY: venv demo test lint app bench gpu-check clean-venv
 
 # (Re)create the virtual environment when it is missing or pyproject/constraints changed.
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +29,12 @@ app: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m diffaccel.cli bench --threads 2
+
+# The GPU check (benchmarks/gpu_check.py): runs with this checkout's venv when there is one, else with the
+# machine's own python (a GPU machine keeps its CUDA torch); results go to $(GPU_OUT).
+GPU_OUT ?= gpu_check_results
+gpu-check:
+	HF_HUB_OFFLINE=1 $(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py --out $(GPU_OUT)
 
 clean-venv:
 	rm -rf $(VENV)
