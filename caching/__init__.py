@@ -2,6 +2,8 @@
 
 * Encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024) for UNet2DModel / UNet2DConditionModel:
   `apply_encoder_propagation(unet_or_pipe, EncoderPropagationConfig(...))`, `remove_encoder_propagation(...)`.
+* Branch reuse (diffaccel) for UNets: binary [steps x units] plans reusing skip branches at any depth, with
+  DeepCache's rule and encoder propagation as special cases: `apply_branch_reuse(unet_or_pipe, plan)`.
 * HarmoniCa (Huang et al., ICML 2025) for DiTTransformer2DModel / PixArtTransformer2DModel: binary `CachePlan`s
   (learned by a `Router`, or FORA / random baselines) applied with `apply_cache_plan(transformer_or_pipe, plan)`,
   `remove_cache_plan(...)`; routers are trained by `caching.harmonica_train` / `diffaccel cache train-router`.
@@ -9,6 +11,17 @@
   `cache_session(pipe)` / `cached_call(pipe, **kwargs)` reset caches around a call.
 """
 
+from .branch_reuse import (
+    BranchReusePlan,
+    apply_branch_reuse,
+    branch_plan,
+    branch_reuse_counters,
+    deepcache_plan,
+    encoder_propagation_plan,
+    no_reuse_plan,
+    remove_branch_reuse,
+    shipped_unet_plans,
+)
 from .encoder_propagation import (
     CONTROLNET_HOOK,
     DENOISER_HOOK,
@@ -49,6 +62,15 @@ from .key_steps import (
 )
 
 __all__ = [
+    "BranchReusePlan",
+    "apply_branch_reuse",
+    "branch_plan",
+    "branch_reuse_counters",
+    "deepcache_plan",
+    "encoder_propagation_plan",
+    "no_reuse_plan",
+    "remove_branch_reuse",
+    "shipped_unet_plans",
     "CachePlan",
     "CachePlanCounters",
     "Router",
