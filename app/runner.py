@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import count_nfe, make_generator, make_generators, measure, pipeline_output_to_uint8, tensor_to_pil
+from ..core import (
+    count_nfe,
+    families,
+    make_generator,
+    make_generators,
+    measure,
+    pipeline_output_to_uint8,
+    tensor_to_pil,
+)
 
 SAMPLERS: tuple[str, ...] = ("DDIM", "DPM-Solver++", "UniPC", "S-PNDM", "F-PNDM")
 CACHES: tuple[str, ...] = ("none", "encoder propagation", "HarmoniCa plan", "FORA")
@@ -37,11 +45,10 @@ STEERING: tuple[str, ...] = ("none", "best-of-N", "FK steering")
 EP_SCHEDULES: tuple[str, ...] = ("sd50-scaled", "uniform-2", "uniform-3", "uniform-4")
 ONE_STEP_ENTRY = "digits-sd-onestep"
 ONE_STEP_TEACHER = "digits-sd"
-#: families the demo can drive, by pipeline class name
-FAMILIES = {"StableDiffusionPipeline": "sd", "DiTPipeline": "dit", "DDPMPipeline": "ddpm",
-            "PixArtAlphaPipeline": "pixart", "RectifiedFlowPipeline": "rf"}
-#: "rf" (diffaccel's rectified-flow pipeline) is offered only as the one-step student; it runs without CFG
-DEFAULT_GUIDANCE = {"sd": 7.5, "dit": 4.0, "pixart": 4.5, "ddpm": None, "rf": None}
+#: families the demo can drive (the family layer's), by pipeline class name; "rf" (diffaccel's rectified-flow
+#: pipeline) is offered only as the one-step student, which runs without CFG
+FAMILIES = {name: cls.name for cls in families.FAMILIES.values() for name in cls.pipeline_classes}
+DEFAULT_GUIDANCE = {cls.name: cls.default_guidance for cls in families.FAMILIES.values()}
 
 LIMITS = {  # field: (low, high), inclusive
     "seed": (0, 2**31 - 1),
@@ -506,7 +513,7 @@ def _harmonica_plan(api: Any, pipe: Any, request: RunRequest) -> Any:
         denoiser = find_denoiser(pipe)
         if getattr(denoiser, "transformer_blocks", None) is None:
             raise RunInputError(f"FORA needs a transformer with transformer_blocks; {request.model!r} has none")
-        from ..caching.hooks import dedupe_consecutive
+        from ..core.hooks import dedupe_consecutive
 
         # the plan has one row per distinct denoiser timestep (multi-evaluation samplers such as F-PNDM run more
         # model calls than transitions), counted as the cache's step tracker counts them
@@ -534,22 +541,14 @@ def _harmonica_plan(api: Any, pipe: Any, request: RunRequest) -> Any:
 
 def _call_kwargs(loaded: LoadedPipeline, prompt: str, label: int | None, n: int, steps: int,
                  guidance: float | None, generators: list[torch.Generator]) -> dict[str, Any]:
-    kw: dict[str, Any] = {"num_inference_steps": steps, "generator": generators, "output_type": "np"}
-    if loaded.family == "rf":
-        kw.update(prompt=[prompt] * n)  # the student's own default: no classifier-free guidance
-    elif loaded.family in ("sd", "pixart"):
-        kw.update(prompt=[prompt] * n, guidance_scale=guidance)
-        if loaded.family == "pixart":
-            kw.update(use_resolution_binning=False, clean_caption=False)
-    elif loaded.family == "dit":
-        kw.update(class_labels=[label] * n, guidance_scale=guidance)
-    else:
-        kw.update(batch_size=n)
-    return kw
+    family = families.family_for(loaded.pipe)
+    cond = label if family.conditioning_kind == "class" else prompt
+    return family.call_kwargs(cond, n, steps, guidance, generator=generators, output_type="np")
 
 
 def _cfg_rows(family: str, guidance: float | None) -> int:
-    return 2 if family in ("sd", "dit", "pixart") and guidance is not None and guidance > 1.0 else 1
+    default = DEFAULT_GUIDANCE.get(family)
+    return 2 if default is not None and guidance is not None and guidance > 1.0 else 1
 
 
 class DemoRunner:

@@ -7,10 +7,11 @@
 * HarmoniCa (Huang et al., ICML 2025) for DiTTransformer2DModel / PixArtTransformer2DModel: binary `CachePlan`s
   (learned by a `Router`, or FORA / random baselines) applied with `apply_cache_plan(transformer_or_pipe, plan)`,
   `remove_cache_plan(...)`; routers are trained by `caching.harmonica_train` / `diffaccel cache train-router`.
-* Shared machinery (step tracking, per-generation reset, batch helpers): `caching.hooks`;
+* Shared machinery (step tracking, per-generation reset, batch helpers): `core.hooks`;
   `cache_session(pipe)` / `cached_call(pipe, **kwargs)` reset caches around a call.
 """
 
+from ..core.hooks import StatefulHook, StepTracker, cache_session, reset_caches
 from .branch_reuse import (
     BranchReusePlan,
     apply_branch_reuse,
@@ -47,7 +48,6 @@ from .harmonica import (
     remove_cache_plan,
     shipped_plans,
 )
-from .hooks import CachedPipeline, StepTracker, ToolkitHook, cache_session, cached_call, reset_caches
 from .key_steps import (
     SD50_KEY_STEPS,
     KeyStepSchedule,
@@ -60,6 +60,7 @@ from .key_steps import (
     sd50_scaled,
     uniform,
 )
+from .session import CachedPipeline, cached_call
 
 __all__ = [
     "BranchReusePlan",
@@ -91,7 +92,7 @@ __all__ = [
     "NoiseInjection",
     "PriorNoiseInjection",
     "StepTracker",
-    "ToolkitHook",
+    "StatefulHook",
     "apply_encoder_propagation",
     "cache_session",
     "cached_call",

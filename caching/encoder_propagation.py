@@ -12,9 +12,9 @@ batch ("parallel decoding", paper §3.3 / Fig. 5) — here by looking ahead at t
 the predictions, with the pipeline loop and scheduler untouched (spec §2.4). Prior noise injection (paper §3.4) adds
 `alpha * z_T` to the latent before every step with `t_s < tau_frac * T` through `callback_on_step_end` (spec §2.5).
 
-Hooks (all under the `tk_ep_*` names): `tk_ep_denoiser` on the UNet (step tracking, key decision, look-ahead),
-`tk_ep_encoder` on each encoder module (run and store at key steps, return a copy of the stored output otherwise),
-`tk_ep_controlnet` on each ControlNet (residuals computed at key steps only).
+Hooks (named `diffaccel.encoder_propagation.<role>`): the denoiser hook on the UNet (step tracking, key decision,
+look-ahead), the encoder hook on each encoder module (run and store at key steps, return a copy of the stored output
+otherwise), the ControlNet hook on each ControlNet (residuals computed at key steps only).
 """
 
 from __future__ import annotations
@@ -30,28 +30,29 @@ from typing import Any
 
 import torch
 
-from .hooks import (
+from ..core.hooks import (
+    StatefulHook,
     StepTracker,
     TimestepsCallback,
-    ToolkitHook,
+    find_denoiser,
     get_argument,
     get_hook,
     has_hook,
     input_signature,
     register_hook,
     remove_hooks,
-    resolve_model,
     same_values,
     split_batch,
+    take_rows,
     tile_batch,
     tree_leaves,
     tree_map,
 )
 from .key_steps import KeyStepSchedule, get_schedule
 
-DENOISER_HOOK = "tk_ep_denoiser"
-ENCODER_HOOK = "tk_ep_encoder"
-CONTROLNET_HOOK = "tk_ep_controlnet"
+DENOISER_HOOK = "diffaccel.encoder_propagation.denoiser"
+ENCODER_HOOK = "diffaccel.encoder_propagation.encoder"
+CONTROLNET_HOOK = "diffaccel.encoder_propagation.controlnet"
 HOOK_NAMES = (DENOISER_HOOK, ENCODER_HOOK, CONTROLNET_HOOK)
 
 
@@ -173,6 +174,12 @@ class _EPState:
         self.unet_step_key = None
         self.tracker.reset()
 
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Particles were resampled: cached encoder outputs follow their rows; stashed look-ahead predictions,
+        computed for the old rows, are dropped (the next non-key step decodes afresh)."""
+        self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
+        self.stash.clear()
+
     def _new_generation(self) -> None:
         self.cache.clear()
         self.stash.clear()
@@ -222,8 +229,8 @@ def _conditioning(args: tuple, kwargs: dict) -> list[Any]:
     return tree_leaves((positional, sorted(rest.items(), key=lambda kv: kv[0])))
 
 
-class _DenoiserHook(ToolkitHook):
-    """`tk_ep_denoiser`: step tracking, key-step decision, parallel look-ahead with a stash (spec §2.2, §2.4)."""
+class _DenoiserHook(StatefulHook):
+    """The denoiser hook: step tracking, key-step decision, parallel look-ahead with a stash (spec §2.2, §2.4)."""
 
     def __init__(self, state: _EPState) -> None:
         super().__init__()
@@ -325,8 +332,8 @@ class _DenoiserHook(ToolkitHook):
         return call_kwargs
 
 
-class _EncoderHook(ToolkitHook):
-    """`tk_ep_encoder` on `conv_in`, each down block and the mid block (and the first `propagate_up_blocks` up
+class _EncoderHook(StatefulHook):
+    """The encoder hook on `conv_in`, each down block and the mid block (and the first `propagate_up_blocks` up
     blocks): run + store at key steps, return a copy of the stored output at non-key steps, tiled in replay mode."""
 
     def __init__(self, state: _EPState, name: str) -> None:
@@ -355,8 +362,8 @@ class _EncoderHook(ToolkitHook):
         return tree_map(torch.clone, cached) if st.config.clone_on_reuse else cached
 
 
-class _ControlNetHook(ToolkitHook):
-    """`tk_ep_controlnet`: a ControlNet's residuals are computed at key steps and reused at the others."""
+class _ControlNetHook(StatefulHook):
+    """The ControlNet hook: a ControlNet's residuals are computed at key steps and reused at the others."""
 
     def __init__(self, state: _EPState, name: str) -> None:
         super().__init__()
@@ -394,15 +401,19 @@ class _ControlNetHook(ToolkitHook):
 
 
 class PriorNoiseInjection:
-    """`callback_on_step_end` adding `alpha * z_T` to the latents before every step s with `t_s < tau_frac * T`
-    (paper §3.4; cumulative; `z_T` = initial noise x `scheduler.init_noise_sigma`). Chains a user callback first."""
+    """Adds `alpha * z_T` to the latents before every step s with `t_s < tau_frac * T` (paper §3.4; cumulative;
+    `z_T` = initial noise x `scheduler.init_noise_sigma`, or `noise` itself when `scaled`).
+
+    Called as a `callback_on_step_end` (chaining a user callback first) or, by `diffaccel.accelerate`, as a
+    step-end handler through `inject`."""
 
     def __init__(self, noise: torch.Tensor, alpha: float, tau_frac: float,
-                 user_callback: Callable[..., dict[str, Any]] | None = None) -> None:
+                 user_callback: Callable[..., dict[str, Any]] | None = None, *, scaled: bool = False) -> None:
         self.noise = noise
         self.alpha = alpha
         self.tau_frac = tau_frac
         self.user_callback = user_callback
+        self.scaled = scaled
         self.injected_steps: list[int] = []
         self._cursor = 0
 
@@ -413,19 +424,24 @@ class PriorNoiseInjection:
                 return timesteps[j + 1] if j + 1 < len(timesteps) else None
         return None
 
-    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        out = dict(callback_kwargs)
-        if self.user_callback is not None:
-            out.update(self.user_callback(pipe, step, timestep, callback_kwargs) or {})
-        scheduler = pipe.scheduler
+    def inject(self, scheduler: Any, step: int, timestep: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after step `step` (at `timestep`), with the injection the next step needs."""
         ts = scheduler.timesteps
         values = [float(v) for v in (ts.tolist() if isinstance(ts, torch.Tensor) else ts)]
         t_next = self._next_timestep(values, float(timestep))
         if t_next is not None and t_next < self.tau_frac * scheduler.config.num_train_timesteps:
-            latents = out["latents"]
-            z_t = self.noise.to(device=latents.device, dtype=latents.dtype) * scheduler.init_noise_sigma
-            out["latents"] = latents + self.alpha * z_t
+            z_t = self.noise.to(device=latents.device, dtype=latents.dtype)
+            if not self.scaled:
+                z_t = z_t * scheduler.init_noise_sigma
+            latents = latents + self.alpha * z_t
             self.injected_steps.append(step + 1)
+        return latents
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        out = dict(callback_kwargs)
+        if self.user_callback is not None:
+            out.update(self.user_callback(pipe, step, timestep, callback_kwargs) or {})
+        out["latents"] = self.inject(pipe.scheduler, step, timestep, out["latents"])
         return out
 
 
@@ -488,7 +504,7 @@ def apply_encoder_propagation(model_or_pipe: Any, config: EncoderPropagationConf
     """
     config = config or EncoderPropagationConfig()
     pipe = None if isinstance(model_or_pipe, torch.nn.Module) else model_or_pipe
-    unet = resolve_model(model_or_pipe)
+    unet = find_denoiser(model_or_pipe)
     _check_unet(unet)
     if has_hook(unet, DENOISER_HOOK):
         raise ValueError("encoder propagation is already applied to this UNet; call remove_encoder_propagation first")
@@ -517,7 +533,7 @@ def apply_encoder_propagation(model_or_pipe: Any, config: EncoderPropagationConf
 
 
 def _state(model_or_pipe: Any) -> _EPState:
-    unet = resolve_model(model_or_pipe)
+    unet = find_denoiser(model_or_pipe)
     hook = get_hook(unet, DENOISER_HOOK)
     if hook is None:
         raise ValueError("encoder propagation is not applied to this model")
@@ -526,7 +542,7 @@ def _state(model_or_pipe: Any) -> _EPState:
 
 def remove_encoder_propagation(model_or_pipe: Any) -> None:
     """Reset and remove every encoder-propagation hook; the model then behaves exactly as before."""
-    unet = resolve_model(model_or_pipe)
+    unet = find_denoiser(model_or_pipe)
     hook = get_hook(unet, DENOISER_HOOK)
     controlnets = hook.state.controlnets if hook is not None else []
     for net in controlnets:

@@ -12,7 +12,8 @@ ratio (CUR) is the share of zeros. A `Router` holds learnable logits Θ [steps, 
 `P[s, u] = 1[sigmoid(Θ[s, u]) > τ]` with τ = 0.1 (paper §4.1 / released defaults). Routers are trained by
 `caching.harmonica_train` (Step-wise Denoising Training + Image-Error-Proxy-guided objective).
 
-Hooks: `tk_hc_step` on the transformer (step tracking, plan row checks), `tk_hc_unit` on every unit module.
+Hooks: `diffaccel.harmonica.step` on the transformer (step tracking, plan row checks), `diffaccel.harmonica.unit`
+on every unit module.
 FORA (Selvaraju et al. 2024: every unit computed every n-th step) and random plans run through the same engine.
 """
 
@@ -32,20 +33,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import (
+from ..core.families import find_denoiser
+from ..core.hooks import (
+    StatefulHook,
     StepTracker,
-    ToolkitHook,
     get_argument,
     get_hook,
     has_hook,
     input_signature,
     register_hook,
     remove_hooks,
-    resolve_model,
+    take_rows,
 )
+from ..core.schedulers import class_name as sched_name
 
-STEP_HOOK = "tk_hc_step"
-UNIT_HOOK = "tk_hc_unit"
+STEP_HOOK = "diffaccel.harmonica.step"
+UNIT_HOOK = "diffaccel.harmonica.unit"
 HOOK_NAMES = (STEP_HOOK, UNIT_HOOK)
 PLAN_FORMAT = "diffaccel.cache_plan.v1"
 ROUTER_FORMAT = "diffaccel.router.v1"
@@ -221,7 +224,7 @@ def _plan_path(name_or_path: str | os.PathLike) -> Path:
 def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
     if model is None:
         return {}
-    transformer = resolve_model(model)
+    transformer = find_denoiser(model)
     units = default_units(transformer)
     n = len(transformer.transformer_blocks) * len(units)
     if n != num_units:
@@ -229,7 +232,7 @@ def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
                          f"({len(transformer.transformer_blocks)} blocks x {units})")
     scheduler = getattr(model, "scheduler", None)
     return {"model_class": type(transformer).__name__, "num_blocks": len(transformer.transformer_blocks),
-            "units": units, "scheduler_class": None if scheduler is None else type(scheduler).__name__}
+            "units": units, "scheduler_class": None if scheduler is None else sched_name(scheduler)}
 
 
 def fora_plan(num_steps: int, num_units: int, interval: int, *, model: Any | None = None) -> CachePlan:
@@ -269,7 +272,7 @@ def _check_size(num_steps: int, num_units: int) -> None:
 def resample_plan(plan: CachePlan, model: Any) -> CachePlan:
     """Map a plan onto a deeper/shallower transformer of the same unit kind by nearest block in relative depth
     (a diffaccel helper for speed measurements on the full-size model; not from the paper)."""
-    transformer = resolve_model(model)
+    transformer = find_denoiser(model)
     units = default_units(transformer)
     if plan.units is not None and tuple(plan.units) != units:
         raise ValueError(f"plan units {plan.units} differ from {type(transformer).__name__}'s {units}")
@@ -316,12 +319,12 @@ class Router(nn.Module):
     @classmethod
     def for_model(cls, model: Any, num_steps: int, **kwargs: Any) -> Router:
         """A router shaped for a transformer (or a pipeline's transformer and scheduler)."""
-        transformer = resolve_model(model)
+        transformer = find_denoiser(model)
         units = default_units(transformer)
         scheduler = getattr(model, "scheduler", None)
         return cls(num_steps, len(transformer.transformer_blocks) * len(units),
                    model_class=type(transformer).__name__, num_blocks=len(transformer.transformer_blocks),
-                   units=units, scheduler_class=None if scheduler is None else type(scheduler).__name__, **kwargs)
+                   units=units, scheduler_class=None if scheduler is None else sched_name(scheduler), **kwargs)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -470,6 +473,10 @@ class _HCState:
         self.step_key = None
         self.tracker.reset()
 
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Particles were resampled: every cached unit output follows its row."""
+        self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
+
     def _new_generation(self) -> None:
         self.cache.clear()
         self.step_key = None
@@ -483,13 +490,13 @@ class _HCState:
         pipe = self.pipe_ref() if self.pipe_ref is not None else None
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None and self.plan.scheduler_class and not self.force \
-                and type(scheduler).__name__ != self.plan.scheduler_class:
-            raise ValueError(f"the pipeline's scheduler is {type(scheduler).__name__} but the cache plan was made "
+                and sched_name(scheduler) != self.plan.scheduler_class:
+            raise ValueError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made "
                              f"for {self.plan.scheduler_class}")
 
 
-class _StepHook(ToolkitHook):
-    """`tk_hc_step` on the transformer: step tracking and the active flag the unit hooks read."""
+class _StepHook(StatefulHook):
+    """The step hook on the transformer: step tracking and the active flag the unit hooks read."""
 
     def __init__(self, state: _HCState, timestep_position: int) -> None:
         super().__init__()
@@ -526,8 +533,8 @@ class _StepHook(ToolkitHook):
             st.active = False
 
 
-class _UnitHook(ToolkitHook):
-    """`tk_hc_unit` on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
+class _UnitHook(StatefulHook):
+    """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
 
     def __init__(self, state: _HCState, index: int) -> None:
         super().__init__()
@@ -585,7 +592,7 @@ def _timestep_position(transformer: nn.Module) -> int:
 def check_plan(plan: CachePlan, model: Any) -> None:
     """Raise ValueError when `plan` does not fit the transformer (class, block count, unit count) or, given a
     pipeline, its scheduler class. Messages name both sides."""
-    transformer = resolve_model(model)
+    transformer = find_denoiser(model)
     cls = type(transformer).__name__
     units = default_units(transformer)
     blocks = len(transformer.transformer_blocks)
@@ -599,15 +606,15 @@ def check_plan(plan: CachePlan, model: Any) -> None:
         raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {blocks * len(units)} "
                          f"units ({blocks} blocks x {units})")
     scheduler = getattr(model, "scheduler", None)
-    if scheduler is not None and plan.scheduler_class and type(scheduler).__name__ != plan.scheduler_class:
-        raise ValueError(f"the pipeline's scheduler is {type(scheduler).__name__} but the cache plan was made for "
+    if scheduler is not None and plan.scheduler_class and sched_name(scheduler) != plan.scheduler_class:
+        raise ValueError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made for "
                          f"{plan.scheduler_class}")
 
 
 def _attach(model: Any, plan: CachePlan | None, force: bool,
             timesteps_callback: Callable[[], Any] | None) -> _HCState:
     pipe = None if isinstance(model, nn.Module) else model
-    transformer = resolve_model(model)
+    transformer = find_denoiser(model)
     units = unit_modules(transformer)
     if has_hook(transformer, STEP_HOOK):
         raise ValueError("a cache plan or router is already attached to this transformer; call remove_cache_plan "
@@ -634,7 +641,7 @@ def apply_cache_plan(model: Any, plan: CachePlan | str | os.PathLike, *, force: 
     if not isinstance(plan, CachePlan):
         plan = CachePlan.load(plan)
     if force:
-        transformer = resolve_model(model)
+        transformer = find_denoiser(model)
         n = len(unit_modules(transformer))
         if plan.num_units != n:
             raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {n} units")
@@ -648,7 +655,7 @@ def attach_router(model: Any, router: Router | None = None, *, threshold: float 
 
     The state starts in "teacher" mode; set `state.mode` and `state.gates` per forward. Remove with
     `remove_cache_plan`."""
-    transformer = resolve_model(model)
+    transformer = find_denoiser(model)
     if router is not None and router.num_units != len(unit_modules(transformer)):
         raise ValueError(f"the router has {router.num_units} units but the model has "
                          f"{len(unit_modules(transformer))}")
@@ -660,11 +667,11 @@ def attach_router(model: Any, router: Router | None = None, *, threshold: float 
 
 def remove_cache_plan(model: Any) -> None:
     """Reset and remove every HarmoniCa hook; the transformer then behaves exactly as before."""
-    remove_hooks(resolve_model(model), list(HOOK_NAMES))
+    remove_hooks(find_denoiser(model), list(HOOK_NAMES))
 
 
 def _state(model: Any) -> _HCState:
-    hook = get_hook(resolve_model(model), STEP_HOOK)
+    hook = get_hook(find_denoiser(model), STEP_HOOK)
     if hook is None:
         raise ValueError("no cache plan is attached to this model")
     return hook.state
@@ -677,7 +684,7 @@ def cache_plan_counters(model: Any) -> CachePlanCounters:
 
 def attached_plan(model: Any) -> CachePlan | None:
     """The plan attached to a model (None when none is, or a router is attached for training)."""
-    hook = get_hook(resolve_model(model), STEP_HOOK)
+    hook = get_hook(find_denoiser(model), STEP_HOOK)
     return None if hook is None else hook.state.plan
 
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..core.families import DiTFamily, family_class
 from .harmonica import DEFAULT_THRESHOLD, CachePlan, Router, _atomic_write, attach_router, remove_cache_plan
 
 
@@ -98,10 +99,10 @@ class DiTSampler:
     """The `DiTPipeline` denoising loop with per-step control (spec §3.8): CFG rows, guidance, scheduler step."""
 
     def __init__(self, pipe: Any, num_steps: int, guidance_scale: float) -> None:
-        transformer = getattr(pipe, "transformer", None) if "transformer" in getattr(pipe, "components", {}) else None
-        if type(transformer).__name__ != "DiTTransformer2DModel":
+        if family_class(pipe) is not DiTFamily:
             raise TypeError(f"router training supports DiTPipeline (class-conditional DiT), got "
-                            f"{type(pipe).__name__} with denoiser {type(transformer).__name__}")
+                            f"{type(pipe).__name__} with denoiser {type(getattr(pipe, 'transformer', None)).__name__}")
+        self.family = DiTFamily(pipe)
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.num_steps = num_steps
@@ -127,21 +128,10 @@ class DiTSampler:
         return sched
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scheduler: Any) -> torch.Tensor:
-        """Guided prediction for the B image rows, exactly as `DiTPipeline.__call__` forms it."""
-        cfg = self.guidance > 1
-        inp = torch.cat([x, x]) if cfg else x
-        inp = scheduler.scale_model_input(inp, t)
-        rows = inp.shape[0]
-        if cfg:
-            null = torch.full_like(labels, 1000)
-            labels = torch.cat([labels, null])
-        out = self.transformer(inp, timestep=t.reshape(1).to(inp.device).expand(rows), class_labels=labels).sample
-        c = self.channels
-        if cfg:
-            eps, rest = out[:, :c], out[:, c:]
-            cond, uncond = eps.chunk(2)
-            out = torch.cat([uncond + self.guidance * (cond - uncond), rest[: len(rest) // 2]], dim=1)
-        return out[:, :c] if self.transformer.config.out_channels // 2 == c else out
+        """Guided prediction for the B image rows, exactly as `DiTPipeline.__call__` forms it (the DiT family's)."""
+        if self.guidance > 1:
+            labels = torch.cat([labels, torch.full_like(labels, DiTFamily.NULL_CLASS)])
+        return self.family.eps(x, t, labels=labels, guidance_scale=self.guidance, scheduler=scheduler)
 
     def step(self, scheduler: Any, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return scheduler.step(eps, t, x).prev_sample

@@ -219,7 +219,7 @@ def measure_encoder_drift(pipe: Any, propagate_up_blocks: int = 0, **call_kwargs
     per_step: list[list[torch.Tensor]] = []
 
     def record(module: torch.nn.Module, args: Any, output: Any) -> None:
-        from .hooks import tree_leaves
+        from ..core.hooks import tree_leaves
 
         flat = [x.detach().float().reshape(-1) for x in tree_leaves(output) if isinstance(x, torch.Tensor)]
         if module is unet.conv_in:

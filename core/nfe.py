@@ -13,20 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-DENOISER_ATTRS = ("unet", "transformer", "prior")
-
-
-def find_denoiser(pipe_or_model) -> torch.nn.Module:
-    """The network that a pipeline calls once per step; a bare nn.Module is returned as is."""
-    if isinstance(pipe_or_model, torch.nn.Module):
-        return pipe_or_model
-    for name in DENOISER_ATTRS:
-        module = getattr(pipe_or_model, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TypeError(
-        f"{type(pipe_or_model).__name__} has no denoising network: expected one of the attributes {DENOISER_ATTRS}"
-    )
+from .families import find_denoiser
 
 
 @dataclass

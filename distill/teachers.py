@@ -12,9 +12,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..core.schedulers import class_name, is_stochastic
+
 SD_SOLVERS = ("ddim", "dpmsolver++")
-STOCHASTIC_SCHEDULERS = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                         "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler")
 
 
 class TeacherError(ValueError):
@@ -103,13 +103,13 @@ class RectifiedFlowEulerTeacher:
 
 
 def check_deterministic(scheduler) -> None:
-    """Refuse samplers that inject noise: the map z0 → z1 must be a function (spec §3.2)."""
-    name = type(scheduler).__name__
-    cfg = getattr(scheduler, "config", {})
-    if name in STOCHASTIC_SCHEDULERS or "Ancestral" in name:
+    """Refuse samplers that inject noise (the scheduler capability table): the map z0 → z1 must be a function."""
+    name = class_name(scheduler)
+    if is_stochastic(scheduler, eta=0.0):
+        algo = (getattr(scheduler, "config", None) or {}).get("algorithm_type")
+        if algo is not None and "sde" in str(algo):
+            raise TeacherError(f"{name} with algorithm_type={algo!r} is stochastic")
         raise TeacherError(f"{name} is stochastic; reflow pairs need a deterministic solver ({', '.join(SD_SOLVERS)})")
-    if "sde" in str(cfg.get("algorithm_type", "")):
-        raise TeacherError(f"{name} with algorithm_type={cfg.get('algorithm_type')!r} is stochastic")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from diffusers.hooks import HookRegistry
 from torch import nn
 
+from ..core import families
 from .comm import ByteMeter, Communicator
 from .config import PatchParallelConfig, PatchParallelError
 from .denoiser import HOOK_NAME, DenoiserHook, FamilyAdapter
@@ -32,14 +33,11 @@ _ATTR = "_diffaccel_patch_parallel"
 
 
 def find_denoiser(obj: Any) -> nn.Module:
-    """The model to split: the object itself if it is a module, else `pipe.unet` or `pipe.transformer`."""
-    if isinstance(obj, nn.Module):
-        return obj
-    for attr in ("unet", "transformer"):
-        m = getattr(obj, attr, None)
-        if isinstance(m, nn.Module):
-            return m
-    raise PatchParallelError(f"{type(obj).__name__} has no `unet` or `transformer` to parallelise")
+    """The model to split (the family layer's denoiser), as a `PatchParallelError` when there is none."""
+    try:
+        return families.find_denoiser(obj)
+    except TypeError as exc:
+        raise PatchParallelError(str(exc)) from exc
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:

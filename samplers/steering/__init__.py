@@ -5,8 +5,7 @@ particles with rewards, weights, ESS trace and NFE; `best_of_n`, `zero_order_sea
 sampler's noise under an NFE budget and return the winning noise. Rewards follow one protocol (`Reward`).
 """
 
-from .families import DiTFamily, SDFamily, family_for
-from .fk import FKConfig, FKSteering, SteeringOutput, X0Recorder, check_sampler, is_stochastic, sample_fk
+from .fk import FKConfig, FKSteering, SteeringOutput, X0Recorder, check_sampler, sample_fk
 from .noise_search import (
     SearchOutput,
     best_of_n,
@@ -37,13 +36,11 @@ __all__ = [
     "ClassifierReward",
     "CompressibilityReward",
     "ConstantReward",
-    "DiTFamily",
     "FKConfig",
     "FKSteering",
     "ParticleSystem",
     "Reward",
     "RewardError",
-    "SDFamily",
     "SearchOutput",
     "SteeringOutput",
     "X0Recorder",
@@ -52,8 +49,6 @@ __all__ = [
     "check_rewards",
     "check_sampler",
     "effective_sample_size",
-    "family_for",
-    "is_stochastic",
     "normalize_log_weights",
     "path_search",
     "replay_path",

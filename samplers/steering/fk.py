@@ -12,7 +12,7 @@ Two drivers share `ParticleSystem` (weights) and the rewards:
   ``X0Recorder`` scheduler proxy keeps the step's ``pred_original_sample`` and ``callback_on_step_end`` scores it and
   permutes ``latents`` within each prompt's block (spec §5.2).
 * `DiTPipeline` has no step callback and does not pass ``eta``/``generator`` to its scheduler, so it runs through
-  `sample_fk`, our k-diffusion-style loop over the pipeline's own components (`families.DiTFamily`).
+  `sample_fk`, our k-diffusion-style loop over the pipeline's own components (`core.families.DiTFamily`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any, Literal
 import torch
 
 from ...core import count_nfe
-from .families import DiTFamily, SDFamily, family_for, step_kwargs
+from ...core.families import DiTFamily, StableDiffusionFamily, family_for, step_kwargs
+from ...core.hooks import reorder_rows
+from ...core.schedulers import class_name, is_stochastic, keeps_history
 from .potentials import INTERMEDIATE_POTENTIALS, POTENTIALS, ParticleSystem, Potential, resampling_events
 from .resampling import RESAMPLERS, Resampler, flat_indices, normalize_log_weights
 from .rewards import Reward, as_reward, score
@@ -110,45 +112,12 @@ class SteeringOutput:
 
 
 # ------------------------------------------------------------------------------------------------- sampler guard
-_DETERMINISTIC = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler",
-                  "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "UniPCMultistepScheduler",
-                  "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
-                  "PseudoNumericalScheduler"}  # every PNDM-family method is an ODE solver
-_STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-               "DPMSolverSDEScheduler"}
-# per-row history buffers that a permutation of the batch would desynchronise (spec §5.2)
-_STATEFUL = {"PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-             "DEISMultistepScheduler", "DPMSolverSinglestepScheduler", "HeunDiscreteScheduler",
-             "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
-             "PseudoNumericalScheduler"}  # its linear-multistep methods keep per-row eps history
-
-
-def _unwrap(scheduler):
-    """The scheduler that actually steps: a `TimeShiftScheduler` delegates every step to its `base`."""
-    return getattr(scheduler, "base", scheduler) if type(scheduler).__name__ == "TimeShiftScheduler" else scheduler
-
-
-def is_stochastic(scheduler, eta: float) -> bool | None:
-    """Whether `scheduler.step` injects fresh noise (True/False), or None when the class is unknown."""
-    scheduler = _unwrap(scheduler)
-    name = type(scheduler).__name__
-    if name == "DDIMScheduler":
-        return eta > 0
-    if name == "DPMSolverMultistepScheduler":
-        return "sde" in str(scheduler.config.get("algorithm_type", ""))
-    if name == "FlowMatchEulerDiscreteScheduler" and scheduler.config.get("stochastic_sampling", False):
-        return True
-    if name in _DETERMINISTIC:
-        return False
-    return True if name in _STOCHASTIC else None
-
-
 def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
     """FK needs fresh noise after each resampling, else copies never diverge (spec §2.8); and no per-row history."""
     if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
         return
-    name = type(_unwrap(scheduler)).__name__
-    if name in _STATEFUL:
+    name = class_name(scheduler)
+    if keeps_history(scheduler):
         raise ValueError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
                          "DDIMScheduler (eta > 0) or EulerAncestralDiscreteScheduler")
     stochastic = is_stochastic(scheduler, eta)
@@ -288,15 +257,15 @@ class FKSteering:
         self.counts = {"vae_decodes": 0, "reward_calls": 0, "reward_items": 0}
         events = self.config.events(num_inference_steps)
         check_sampler(self.pipe.scheduler, eta, self.config)
-        if isinstance(self.family, SDFamily):
+        if isinstance(self.family, StableDiffusionFamily):
             if prompt is None:
                 raise ValueError("StableDiffusionPipeline needs `prompt`")
-            return self._run_sd(prompt, num_inference_steps, 7.5 if guidance_scale is None else guidance_scale,
+            return self._run_sd(prompt, num_inference_steps, self.family.guidance(guidance_scale),
                                 eta, generator, output_type, events, pipeline_kwargs)
         if class_labels is None:
             raise ValueError("DiTPipeline needs `class_labels`")
-        return self._run_dit(list(class_labels), num_inference_steps, 4.0 if guidance_scale is None else
-                             guidance_scale, eta, generator, output_type, events, prompts_for_reward)
+        return self._run_dit(list(class_labels), num_inference_steps, self.family.guidance(guidance_scale), eta,
+                             generator, output_type, events, prompts_for_reward)
 
     def _run_sd(self, prompt, steps, guidance_scale, eta, generator, output_type, events, kwargs) -> SteeringOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -315,6 +284,7 @@ class FKSteering:
             rewards = self._score(target, row_prompts)
             rows = flat_indices(system.event(rewards, final=i == last))
             state["rewards"] = rewards[rows]
+            reorder_rows(pipe, rows)  # feature caches (if any) follow their particles
             return {"latents": latents[rows.to(latents.device)]}
 
         self.pipe.scheduler = recorder
@@ -329,6 +299,10 @@ class FKSteering:
         latents = out.images
         images = self._postprocess(latents, output_type)
         return self._output(images, latents, state["rewards"], system, events, nfe)
+
+    def _follow_particles(self, info: dict) -> None:
+        if info["ancestors"] is not None:
+            reorder_rows(self.pipe, info["ancestors"])  # feature caches (if any) follow their particles
 
     def _postprocess(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -345,7 +319,7 @@ class FKSteering:
                  prompts_for_reward) -> SteeringOutput:
         fam: DiTFamily = self.family  # type: ignore[assignment]
         k = self.config.num_particles
-        names = list(prompts_for_reward) if prompts_for_reward is not None else fam.prompts_for(labels)
+        names = list(prompts_for_reward) if prompts_for_reward is not None else fam.labels_text(labels)
         row_prompts = [p for p in names for _ in range(k)]
         system = self._system(len(labels), generator)
         scheduler = self.pipe.scheduler
@@ -353,8 +327,9 @@ class FKSteering:
         x = fam.init_latents(len(row_prompts), generator)
         with count_nfe(self.pipe) as nfe:
             latents, rewards = sample_fk(fam.eps, x, scheduler, system, lambda z: self._score(z, row_prompts),
-                                         events, fam.conditioning(labels, k, guidance_scale),
+                                         events, fam.condition(labels, k, guidance_scale),
                                          step_kwargs(scheduler, eta, generator),
-                                         score_final_sample=self.config.compat == "textbook")
+                                         score_final_sample=self.config.compat == "textbook",
+                                         callback=self._follow_particles)
         images = self._postprocess(latents, output_type)
         return self._output(images, latents, rewards, system, events, nfe)

@@ -11,7 +11,7 @@ with eta = 0, any ODE scheduler) so that the returned noise reproduces the winni
 
 NFE is counted in *image-step evaluations* (one denoiser evaluation of one sample; CFG's doubled batch counts once),
 so a base sample with T steps costs T and ``budget_nfe`` is comparable with FK's ``k·T``.
-The loops drive the pipeline's own components through `families` (`StableDiffusionPipeline`, `DiTPipeline`).
+The loops drive the pipeline's own components through `core.families` (`StableDiffusionPipeline`, `DiTPipeline`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...core import count_nfe
-from .families import DiTFamily, family_for, step_kwargs
-from .fk import is_stochastic
+from ...core.families import DiTFamily, family_for, step_kwargs
+from ...core.schedulers import is_stochastic
 from .rewards import Reward, as_reward, score
 
 
@@ -49,11 +49,10 @@ class _Runner:
         self.pipe, self.family, self.reward = pipe, family_for(pipe), as_reward(reward)
         if isinstance(self.family, DiTFamily):
             self.cond_key = [int(prompt)]
-            self.text = self.family.prompts_for(self.cond_key)[0]
-            self.guidance = 4.0 if guidance_scale is None else guidance_scale
+            self.text = self.family.labels_text(self.cond_key)[0]
         else:
             self.cond_key, self.text = [str(prompt)], str(prompt)
-            self.guidance = 7.5 if guidance_scale is None else guidance_scale
+        self.guidance = self.family.guidance(guidance_scale)
         self.steps, self.eta = steps, eta
         self.scheduler = pipe.scheduler
         self.scheduler.set_timesteps(steps)
@@ -66,7 +65,7 @@ class _Runner:
 
     def cond(self, n: int) -> dict[str, Any]:
         if n not in self._cond:
-            self._cond[n] = self.family.conditioning(self.cond_key, n, self.guidance)
+            self._cond[n] = self.family.condition(self.cond_key, n, self.guidance)
         return self._cond[n]
 
     def noise(self, n: int, generator) -> torch.Tensor:

@@ -1,6 +1,7 @@
 import pytest
+from diffaccel.core.schedulers import is_stochastic
 from diffaccel.samplers import PseudoNumericalScheduler, TimeShiftScheduler
-from diffaccel.samplers.steering.fk import FKConfig, check_sampler, is_stochastic
+from diffaccel.samplers.steering.fk import FKConfig, check_sampler
 from diffusers import DDIMScheduler
 
 CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)

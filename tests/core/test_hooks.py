@@ -1,4 +1,4 @@
-"""Shared caching infrastructure: step tracking, pytree helpers, hook lifecycle, resets (spec §1, §6 tests 1-3)."""
+"""Shared hook machinery (core.hooks): step tracking, pytree helpers, hook lifecycle, resets."""
 
 import pytest
 import torch
@@ -14,7 +14,8 @@ from diffaccel.caching import (
     remove_encoder_propagation,
     reset_caches,
 )
-from diffaccel.caching.hooks import (
+from diffaccel.core import make_generators
+from diffaccel.core.hooks import (
     StepTracker,
     first_timestep,
     same_values,
@@ -23,7 +24,6 @@ from diffaccel.caching.hooks import (
     tree_leaves,
     tree_map,
 )
-from diffaccel.core import make_generators
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 

@@ -1,15 +1,15 @@
-"""Shared machinery for feature-caching methods built on `diffusers.hooks` (spec: specs/caching.md §1).
+"""The hook machinery every diffaccel method builds on (`diffusers.hooks`), kept here once.
 
-Every caching method in diffaccel (encoder propagation, HarmoniCa) needs the same pieces, kept here once:
+Feature caches (encoder propagation, HarmoniCa), patch parallelism and the protocol's call hooks use:
 
 * `StepTracker` — the execution-order step index `s` read from the denoiser's own `timestep` argument, with
-  new-generation detection (a rise in timestep, or a change of input shape / dtype / device) as a safety net (§1.2);
-* `ToolkitHook` — a `ModelHook` base for our stateful hooks, with a per-call extension point (`prepare_call`) that
-  `cached_call` uses, e.g. for prior noise injection;
-* `register_hook` / `remove_hooks` — symmetric registration under stable `tk_*` names, and removal that leaves no
-  registry or instance `forward` behind on modules where nothing else is hooked (§1.3, R2);
-* `reset_caches`, `cache_session`, `cached_call` — explicit per-generation reset (§1.3);
-* small pytree helpers for batch-aligned tensors (§1.4): `tree_map`, `tree_leaves`, `tile_batch`, `split_batch`.
+  new-generation detection (a rise in timestep, or a change of input shape / dtype / device) as a safety net;
+* `StatefulHook` — a `ModelHook` base for our stateful hooks (reset between generations), with a per-call
+  extension point (`prepare_call`) that `caching.cached_call` uses;
+* `register_hook` / `remove_hooks` — symmetric registration under stable `diffaccel.<method>.<role>` names, and
+  removal that leaves no registry or instance `forward` behind on modules where nothing else is hooked;
+* `reset_caches`, `cache_session` — explicit per-generation reset;
+* small pytree helpers for batch-aligned tensors: `tree_map`, `tree_leaves`, `tile_batch`, `split_batch`.
 
 Nothing here assigns to `module.forward` itself or patches classes: `HookRegistry` does the wrapping.
 """
@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..core.nfe import find_denoiser
+from .families import find_denoiser
 
 TimestepsCallback = Callable[[], Sequence[float] | torch.Tensor]
 
@@ -60,7 +58,7 @@ def tree_leaves(obj: Any) -> list[Any]:
 
 
 def tile_batch(obj: Any, batch: int, times: int) -> Any:
-    """Repeat every batch-aligned tensor (leading dim == `batch`) `times` times along dim 0, step-major (§2.4)."""
+    """Repeat every batch-aligned tensor (leading dim == `batch`) `times` times along dim 0, step-major ."""
 
     def tile(x: torch.Tensor) -> torch.Tensor:
         if x.ndim > 0 and x.shape[0] == batch:
@@ -82,6 +80,21 @@ def split_batch(obj: Any, batch: int, times: int) -> list[Any]:
         return take
 
     return [tree_map(chunk(j), obj) for j in range(times)]
+
+
+def take_rows(obj: Any, rows: torch.Tensor) -> Any:
+    """Reindex every batch-aligned tensor by `rows` (length n): a leading dim of m*n (e.g. a CFG-doubled batch,
+    stacked as m blocks of n) takes `rows` within each block; other tensors are kept."""
+    n = len(rows)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 0 or x.shape[0] % n:
+            return x
+        idx = rows.to(x.device)
+        idx = torch.cat([idx + j * n for j in range(x.shape[0] // n)])
+        return x[idx]
+
+    return tree_map(take, obj)
 
 
 def same_values(a: Sequence[Any], b: Sequence[Any]) -> bool:
@@ -142,7 +155,7 @@ def dedupe_consecutive(values: Sequence[float]) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# step tracking (§1.2)
+# step tracking
 
 
 @dataclasses.dataclass
@@ -228,11 +241,11 @@ def input_signature(sample: Any) -> tuple | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# hooks: base class, registration, removal, reset (§1.1, §1.3)
+# hooks: base class, registration, removal, reset
 
 
-class ToolkitHook(ModelHook):
-    """Base class of diffaccel's caching hooks: stateful, with an optional per-pipeline-call extension point."""
+class StatefulHook(ModelHook):
+    """Base class of diffaccel's hooks: stateful, with an optional per-pipeline-call extension point."""
 
     _is_stateful = True
 
@@ -242,11 +255,6 @@ class ToolkitHook(ModelHook):
     def prepare_call(self, pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Adjust a pipeline call's kwargs before `cached_call` runs it (default: unchanged)."""
         return call_kwargs
-
-
-def resolve_model(model_or_pipe: Any) -> torch.nn.Module:
-    """The denoising network of a pipeline, or the module itself."""
-    return find_denoiser(model_or_pipe)
 
 
 def has_hook(module: torch.nn.Module, name: str) -> bool:
@@ -292,14 +300,27 @@ def remove_hooks(module: torch.nn.Module, names: Sequence[str]) -> None:
         root.invalidate_child_registries_cache()
 
 
-def iter_toolkit_hooks(module: torch.nn.Module) -> Iterator[ToolkitHook]:
-    """Every `ToolkitHook` on the module itself (outermost first)."""
+def reorder_rows(model_or_pipe: Any, rows: torch.Tensor) -> None:
+    """After particles were resampled (FK steering): every hook state with per-row caches (`reorder_rows(rows)`)
+    moves its rows with the particles, so particle i continues with the cache of its ancestor `rows[i]`."""
+    seen: set[int] = set()
+    for _, sub in find_denoiser(model_or_pipe).named_modules():
+        registry = sub.__dict__.get("_diffusers_hook")
+        for hook in ([] if registry is None else registry.hooks.values()):
+            state = getattr(hook, "state", None)
+            if state is not None and id(state) not in seen and hasattr(state, "reorder_rows"):
+                seen.add(id(state))
+                state.reorder_rows(rows)
+
+
+def iter_stateful_hooks(module: torch.nn.Module) -> Iterator[StatefulHook]:
+    """Every `StatefulHook` on the module itself (outermost first)."""
     registry = module.__dict__.get("_diffusers_hook")
     if registry is None:
         return
     for name in reversed(registry._hook_order):
         hook = registry.hooks[name]
-        if isinstance(hook, ToolkitHook):
+        if isinstance(hook, StatefulHook):
             yield hook
 
 
@@ -308,11 +329,11 @@ def _pipeline_modules(model_or_pipe: Any) -> list[torch.nn.Module]:
         return [model_or_pipe]
     components = getattr(model_or_pipe, "components", None) or {}
     modules = [m for m in components.values() if isinstance(m, torch.nn.Module)]
-    return modules or [resolve_model(model_or_pipe)]
+    return modules or [find_denoiser(model_or_pipe)]
 
 
 def reset_caches(model_or_pipe: Any) -> None:
-    """Clear every cached tensor and counter of stateful hooks on a model (or every model of a pipeline) (§1.3)."""
+    """Clear every cached tensor and counter of stateful hooks on a model (or every model of a pipeline) ."""
     for module in _pipeline_modules(model_or_pipe):
         for _, sub in module.named_modules():
             registry = sub.__dict__.get("_diffusers_hook")
@@ -328,44 +349,3 @@ def cache_session(model_or_pipe: Any) -> Iterator[None]:
         yield
     finally:
         reset_caches(model_or_pipe)
-
-
-def cached_call(pipe: Any, **call_kwargs: Any) -> Any:
-    """Run ``pipe(**call_kwargs)`` inside `cache_session`, letting the denoiser's toolkit hooks adjust the call
-    (e.g. encoder propagation's prior noise injection, which needs the initial latents and a step-end callback)."""
-    denoiser = resolve_model(pipe)
-    with cache_session(pipe):
-        for hook in iter_toolkit_hooks(denoiser):
-            call_kwargs = hook.prepare_call(pipe, dict(call_kwargs))
-        return pipe(**call_kwargs)
-
-
-class CachedPipeline:
-    """A pipeline whose every call runs through `cached_call` (reset around it, toolkit hooks' call set-up).
-
-    It keeps the wrapped pipeline's call signature for introspection and forwards attribute access, so harnesses
-    that call ``pipe(prompts, generator=..., ...)`` (e.g. `diffaccel.evals.evaluate`) get cached calls unchanged.
-    """
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipeline = pipe
-        signature = inspect.signature(pipe.__call__)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            extra = {}
-            for name, param in signature.parameters.items():
-                if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
-                    extra = bound.pop(name)
-            return cached_call(self.pipeline, **bound, **extra)
-
-        functools.update_wrapper(call, pipe.__call__)
-        self.__call__ = call  # instance attribute: what `inspect.signature(obj.__call__)` reads
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__dict__["__call__"](*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        if "pipeline" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["pipeline"], name)

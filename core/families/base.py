@@ -1,0 +1,110 @@
+"""`PipelineFamily`: what differs between pipeline families, written once and used by every method.
+
+A family adapter answers, for one kind of diffusers pipeline, the questions every acceleration used to re-derive:
+which module is the denoiser, what conditions it (text, class label, nothing), how classifier-free guidance is
+batched, the default guidance scale, the call arguments of one generation, and — for the sampling loops diffaccel
+owns (FK steering, noise search, router training) — `condition`, `init_latents`, `eps` and `decode` on the
+pipeline's *own* modules. Add a family by subclassing and decorating with `families.register_family`; methods never
+test pipeline classes themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+
+class PipelineFamily:
+    """Base adapter. Class attributes describe the family; methods act on the wrapped pipeline."""
+
+    #: short name used in recipes, the demo and benchmark records
+    name: ClassVar[str] = ""
+    #: pipeline class names this adapter serves (matched against the pipeline's MRO, so subclasses match)
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: attribute of the pipeline holding the network called once per step
+    denoiser_attr: ClassVar[str] = "unet"
+    #: "text", "class" or "none"
+    conditioning_kind: ClassVar[str] = "none"
+    #: the pipeline's own default guidance scale (None: no classifier-free guidance)
+    default_guidance: ClassVar[float | None] = None
+    #: the pipeline exposes `callback_on_step_end` with a `latents` tensor input
+    has_step_callback: ClassVar[bool] = False
+    #: the pipeline passes `eta` / `generator` on to `scheduler.step`
+    forwards_step_kwargs: ClassVar[bool] = False
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.pipe).__name__})"
+
+    # ------------------------------------------------------------------ description
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    def guidance(self, guidance_scale: float | None) -> float | None:
+        """The guidance scale a call uses: the given one, else the family default (None for unguided families)."""
+        if self.default_guidance is None:
+            return None
+        return self.default_guidance if guidance_scale is None else float(guidance_scale)
+
+    def cfg_rows(self, guidance_scale: float | None) -> int:
+        """Denoiser rows per image: 2 when classifier-free guidance doubles the batch, else 1."""
+        g = self.guidance(guidance_scale)
+        return 2 if g is not None and g > 1.0 else 1
+
+    # ------------------------------------------------------------------ one generation through the pipeline
+    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
+                    **extra: Any) -> dict[str, Any]:
+        """Keyword arguments of ``pipe(...)`` generating `n` images of one conditioning (prompt or class label)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loops diffaccel owns
+    def condition(self, conds: Sequence[Any], k: int, guidance_scale: float) -> dict[str, Any]:
+        """Extra arguments of `eps` for `k` rows per conditioning (prompt-major), CFG-ready."""
+        raise NotImplementedError
+
+    def noise_shape(self, n: int) -> tuple[int, ...]:
+        cfg = self.denoiser.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (n, cfg.in_channels, h, w)
+
+    def init_latents(self, n: int, generator: Any) -> torch.Tensor:
+        """Initial noise as the pipeline draws it (already multiplied by the scheduler's `init_noise_sigma`)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        x = randn_tensor(self.noise_shape(n), generator=generator, device=self.device, dtype=self.denoiser.dtype)
+        return x * self.pipe.scheduler.init_noise_sigma
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        """One guided denoiser evaluation: the model output the pipeline would hand to its scheduler."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float images in [0, 1] (NCHW), what the pipeline returns with ``output_type="pt"``."""
+        raise NotImplementedError
+
+    def labels_text(self, labels: Sequence[int]) -> list[str]:
+        """Readable names of class labels (for rewards that read text); the label itself when unnamed."""
+        names = {int(v): k for k, v in (getattr(self.pipe, "labels", None) or {}).items()}
+        return [names.get(int(c), str(int(c))) for c in labels]
+
+
+def step_kwargs(scheduler: Any, eta: float, generator: Any) -> dict[str, Any]:
+    """`eta` and `generator` for `scheduler.step` where it accepts them (as diffusers' prepare_extra_step_kwargs)."""
+    params = inspect.signature(scheduler.step).parameters
+    out: dict[str, Any] = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generator
+    return out

@@ -1,0 +1,54 @@
+"""Stable Diffusion family (`StableDiffusionPipeline`): text prompts, `UNet2DConditionModel`, CFG batched as
+[unconditional; conditional], `callback_on_step_end`, VAE latents."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .base import PipelineFamily
+
+
+class StableDiffusionFamily(PipelineFamily):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    denoiser_attr = "unet"
+    conditioning_kind = "text"
+    default_guidance = 7.5
+    has_step_callback = True
+    forwards_step_kwargs = True
+
+    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
+                    **extra: Any) -> dict[str, Any]:
+        return {"prompt": [str(cond)] * n, "num_inference_steps": steps,
+                "guidance_scale": self.guidance(guidance_scale), **extra}
+
+    def condition(self, conds: Sequence[str], k: int, guidance_scale: float,
+                  negative_prompt: str | list[str] | None = None) -> dict[str, Any]:
+        cfg = guidance_scale > 1.0
+        pos, neg = self.pipe.encode_prompt(list(conds), self.device, k, cfg, negative_prompt)
+        return {"embeds": torch.cat([neg, pos]) if cfg else pos, "guidance_scale": guidance_scale}
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor = None,
+            guidance_scale: float = 1.0) -> torch.Tensor:
+        cfg = guidance_scale > 1.0
+        xin = self.pipe.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+        out = self.pipe.unet(xin, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(image))
+
+    def init_latents(self, n: int, generator: Any) -> torch.Tensor:
+        pipe = self.pipe
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return pipe.prepare_latents(n, pipe.unet.config.in_channels, size, size, pipe.unet.dtype, self.device,
+                                    generator)
