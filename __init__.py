@@ -10,15 +10,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("core", "zoo", "samplers", "caching", "parallel", "distill", "evals", "app")
+_SUBPACKAGES = ("core", "zoo", "samplers", "caching", "parallel", "distill", "evals", "app", "protocol")
 _EXPORTS = {
     # core
     "count_nfe": "core", "make_generators": "core", "measure": "core", "to_uint8": "core",
     # zoo
     "load": "zoo",
+    # the protocol: one way to apply, compose and remove every method
+    "accelerate": "protocol", "parse_recipe": "protocol", "format_recipe": "protocol", "CompositionError": "protocol",
+    "Sampler": "protocol", "TimeShift": "protocol", "EncoderPropagation": "protocol", "HarmoniCa": "protocol",
+    "FORA": "protocol", "FKSteering": "protocol", "BestOfN": "protocol", "PatchParallel": "protocol",
+    "OneStep": "protocol",
     # samplers
-    "PseudoNumericalScheduler": "samplers", "TimeShiftScheduler": "samplers", "FKSteering": "samplers",
-    "FKConfig": "samplers", "best_of_n": "samplers",
+    "PseudoNumericalScheduler": "samplers", "TimeShiftScheduler": "samplers", "FKConfig": "samplers",
+    "best_of_n": "samplers",
     # caching
     "EncoderPropagationConfig": "caching", "apply_encoder_propagation": "caching",
     "remove_encoder_propagation": "caching", "cached_call": "caching",
