@@ -37,20 +37,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import (
+from ..core.families import find_denoiser
+from ..core.hooks import (
+    StatefulHook,
     StepTracker,
     TimestepsCallback,
-    ToolkitHook,
     get_argument,
     has_hook,
     input_signature,
     register_hook,
     remove_hooks,
-    resolve_model,
 )
 
-STEP_HOOK = "tk_branch_reuse_step"
-UNIT_HOOK = "tk_branch_reuse_unit"
+STEP_HOOK = "diffaccel.branch_reuse.step"
+UNIT_HOOK = "diffaccel.branch_reuse.unit"
 HOOK_NAMES = (STEP_HOOK, UNIT_HOOK)
 PLANS_DIR = Path(__file__).resolve().parent / "plans"
 
@@ -325,7 +325,7 @@ class _State:
         self.counters.calls += 1
 
 
-class _StepHook(ToolkitHook):
+class _StepHook(StatefulHook):
     """On the UNet: advances the step from its timestep and picks the plan row for this call."""
 
     def __init__(self, state: _State) -> None:
@@ -345,7 +345,7 @@ class _StepHook(ToolkitHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-class _UnitHook(ToolkitHook):
+class _UnitHook(StatefulHook):
     """On each module of a unit: run it and remember the output, or hand out the remembered output."""
 
     def __init__(self, state: _State, unit: int, key: int) -> None:
@@ -375,7 +375,7 @@ def apply_branch_reuse(model: Any, plan: BranchReusePlan | str | os.PathLike, *,
     `strict_steps=False` (then steps beyond the plan compute everything)."""
     if not isinstance(plan, BranchReusePlan):
         plan = BranchReusePlan.load(plan)
-    unet = resolve_model(model)
+    unet = find_denoiser(model)
     check_plan(plan, unet)
     if has_hook(unet, STEP_HOOK):
         raise ValueError("a branch reuse plan is already attached to this UNet; call remove_branch_reuse first")
@@ -396,13 +396,13 @@ def apply_branch_reuse(model: Any, plan: BranchReusePlan | str | os.PathLike, *,
 
 def remove_branch_reuse(model: Any) -> None:
     """Reset and remove every branch reuse hook; the UNet then behaves exactly as before."""
-    remove_hooks(resolve_model(model), list(HOOK_NAMES))
+    remove_hooks(find_denoiser(model), list(HOOK_NAMES))
 
 
 def _state(model: Any) -> _State:
-    from .hooks import get_hook
+    from ..core.hooks import get_hook
 
-    hook = get_hook(resolve_model(model), STEP_HOOK)
+    hook = get_hook(find_denoiser(model), STEP_HOOK)
     if hook is None:
         raise ValueError("no branch reuse plan is attached to this model")
     return hook.state
