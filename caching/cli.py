@@ -1,4 +1,5 @@
-"""`diffaccel cache train-router | plan-info`: HarmoniCa router training and cache-plan inspection.
+"""`diffaccel cache train-router | plan-info | calibrate`: HarmoniCa router training, cache-plan inspection, and
+calibrating a UNet branch reuse plan for a target speed-up or a fidelity floor.
 
 Exit codes: 0 ok; 2 bad input (unknown model or plan, invalid values, checkpoint/config mismatch); 1 unexpected.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="feature caching: train HarmoniCa routers, inspect cache plans",
                        description="Feature caching: train a HarmoniCa router (SDT + IEPO) and inspect cache plans.")
-    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="{train-router,plan-info}")
+    csub = p.add_subparsers(dest="cache_cmd", required=True, metavar="{train-router,plan-info,calibrate}")
 
     q = csub.add_parser("train-router", help="train a HarmoniCa router and write its binary cache plan",
                         description="Train a HarmoniCa router (Step-wise Denoising Training with the Image-Error-Proxy "
@@ -51,6 +52,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name", nargs="?", default=None, help="plan file or shipped plan name")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_plan_info)
+
+    q = csub.add_parser("calibrate", help="choose a UNet branch reuse plan for a target speed-up or PSNR floor",
+                        description="Calibrate a branch reuse plan (caching.calibrate) for a UNet text-to-image "
+                                    "pipeline: measure reuse errors on a few prompts and seeds, choose the plan by "
+                                    "dynamic programming, then sample it and report the measured whole-call FLOPs "
+                                    "ratio and paired PSNR / SSIM against the uncached images.")
+    q.add_argument("--model", default="digits-sd", help="zoo UNet text-to-image pipeline (default digits-sd)")
+    q.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeatable; default: the "
+                   "ten digit captions)")
+    goal = q.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--speedup", type=float, help="target whole-call FLOPs ratio (e.g. 2.0)")
+    goal.add_argument("--min-psnr", type=float, help="fidelity floor in dB: the fastest plan found above it")
+    q.add_argument("--steps", type=int, default=50, help="DDIM steps the plan is for (default 50)")
+    q.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    q.add_argument("--images", type=int, default=8, help="calibration images (default 8)")
+    q.add_argument("--seed", type=int, default=10_000, help="first calibration seed (keep apart from evaluation)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    q.add_argument("--out", type=Path, required=True, help="plan file to write (.branch.safetensors)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    q.set_defaults(func=cmd_calibrate)
 
 
 def _fail(msg: str) -> int:
@@ -130,4 +152,46 @@ def cmd_plan_info(args: argparse.Namespace) -> int:
         print("  " + "".join("#" if c else "." for c in row))
     for k, v in sorted(info["metadata"].items()):
         print(f"{k:16s} {v}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import inspect
+
+    import torch
+
+    from ..zoo import ENTRIES, caption, load
+    from .calibrate import UNetCalibrator
+
+    if args.model not in ENTRIES:
+        return _fail(f"unknown zoo model {args.model!r}")
+    if args.speedup is not None and args.speedup < 1.0:
+        return _fail(f"--speedup must be >= 1, got {args.speedup}")
+    if args.images < 1 or args.steps < 2:
+        return _fail("--images must be >= 1 and --steps >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load(args.model)
+    if getattr(pipe, "unet", None) is None or "prompt" not in inspect.signature(pipe.__call__).parameters:
+        return _fail(f"{args.model} is not a UNet text-to-image pipeline; calibrate supports those (e.g. digits-sd)")
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = args.prompt or [caption(d) for d in range(10)]
+    try:
+        cal = UNetCalibrator(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                             num_images=args.images, seed=args.seed, progress=not args.quiet)
+        plan, rep = cal.check(args.speedup) if args.speedup is not None else cal.for_psnr(args.min_psnr)
+    except ValueError as exc:
+        return _fail(str(exc))
+    plan.metadata.update(model=args.model, goal=f"speedup {args.speedup}" if args.speedup is not None
+                         else f"min-psnr {args.min_psnr}", prompts=" | ".join(prompts))
+    path = plan.save(args.out)
+    report = {**rep.as_dict(), "plan": str(path), "model": args.model}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        goal = f"target speed-up {args.speedup:.3f}" if args.speedup is not None else f"PSNR floor {args.min_psnr} dB"
+        print(f"{args.model}: {goal} -> measured FLOPs ratio {rep.measured_flops_ratio:.3f}, paired PSNR "
+              f"{rep.psnr:.2f} dB, SSIM {rep.ssim:.4f} on {rep.calibration_images} calibration images; plan {path}")
     return 0

@@ -1,0 +1,422 @@
+"""Calibrating a cache plan for a target speed-up (or a fidelity floor), from measured reuse errors.
+
+`calibrate_unet(pipe, prompts, target_speedup=2.0)` returns a `BranchReusePlan` for a UNet pipeline and a report of
+the plan's measured FLOPs ratio and paired fidelity. How (diffaccel's method; the error model is ours):
+
+1. **Record** the plain trajectory on the calibration prompts and seeds: the UNet's inputs at every step.
+2. **Measure** the reuse error e(s, k, a): replay step s - a fully (filling the caches), then step s with row kind
+   k (recompute skip branches 0..c and reuse the deeper ones, DeepCache-style; or reuse everything), and take the
+   mean squared difference of the guided noise prediction from the full one at step s. Teacher forcing on the
+   plain trajectory: every row kind at every step and cache age a = 1..max_age costs one UNet call.
+3. **Weigh** each step's error by how much an error in the noise prediction at step s moves the final sample
+   under DDIM: w_s = |d x_prev / d eps| * sqrt(alpha_bar_final / alpha_bar_prev) (eta = 0 update; the later steps
+   treated as a linear map). The plan minimises sum_s w_s^2 e(s, k_s, a_s), errors taken as independent.
+4. **Choose** rows by dynamic programming over (step, cache age) with a Lagrange multiplier on FLOPs, bisected
+   until the plan's FLOPs ratio (per-row FLOPs counted with `core.flops.flop_counter`) reaches the target.
+5. **Check**: sample the calibration prompts with the plan and report the measured whole-call FLOPs ratio and
+   paired PSNR / SSIM against the plain images (`evals.paired_fidelity`).
+
+With `min_psnr` instead of a target speed-up, the largest target whose checked PSNR stays above the floor is
+found by bisection over targets (each probe runs steps 4-5).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.flops import flop_counter
+from .branch_reuse import (
+    STEP_HOOK,
+    BranchReusePlan,
+    apply_branch_reuse,
+    remove_branch_reuse,
+    unet_units,
+)
+from .hooks import get_hook, reset_caches, resolve_model
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# row kinds
+
+
+def cut_row(units, cut: int) -> torch.Tensor:
+    """Recompute skip branches 0..cut (both ends), reuse the deeper branches and the mid block; cut = -1 reuses
+    every unit (the previous step's prediction is handed out again, only conv_out and the embeddings run)."""
+    return torch.tensor([u.side != "mid" and u.branch <= cut for u in units])
+
+
+def row_kinds(unet) -> dict[str, torch.Tensor]:
+    units = unet_units(unet)
+    r_total = (len(units) - 1) // 2
+    kinds = {"reuse-all": cut_row(units, -1)}
+    for c in range(r_total - 1):
+        kinds[f"cut{c}"] = cut_row(units, c)
+    return kinds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# recording and measuring
+
+
+@dataclass
+class Trajectory:
+    """The UNet inputs of every step of the plain run (CPU copies), the timesteps and the guidance scale."""
+
+    calls: list[tuple[tuple, dict]]
+    timesteps: list[float]
+    guidance_scale: float
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(v) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def record_trajectory(pipe, call_kwargs: dict[str, Any]) -> tuple[Trajectory, Any]:
+    """Run the plain pipeline once, recording every UNet call's inputs; returns (trajectory, pipeline output)."""
+    unet = resolve_model(pipe)
+    calls: list[tuple[tuple, dict]] = []
+
+    def pre(module, args, kwargs):
+        calls.append((_detach(args), _detach(kwargs)))
+
+    handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        out = pipe(**call_kwargs)
+    finally:
+        handle.remove()
+    ts = [float(torch.as_tensor(c[0][1] if len(c[0]) > 1 else c[1]["timestep"]).reshape(-1)[0]) for c in calls]
+    return Trajectory(calls, ts, float(call_kwargs.get("guidance_scale", 1.0))), out
+
+
+def _prediction(out: Any) -> torch.Tensor:
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _guided(out: torch.Tensor, scale: float) -> torch.Tensor:
+    """The pipeline's classifier-free-guided prediction from a [uncond; cond] batch (unchanged without CFG)."""
+    if scale <= 1.0 or out.shape[0] % 2:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def measure_reuse_errors(pipe, traj: Trajectory, kinds: dict[str, torch.Tensor], max_age: int = 4,
+                         progress: bool = False) -> torch.Tensor:
+    """e[s, k, a-1]: mean squared error of the guided prediction at step s with row kind k and caches from step
+    s - a, against the full prediction (teacher-forced on the plain trajectory). NaN where s - a < 0."""
+    unet = resolve_model(pipe)
+    units = unet_units(unet)
+    names = list(kinds)
+    order = sorted(range(len(names)), key=lambda i: int(kinds[names[i]].sum()))  # fewest recomputed units first
+    n = len(traj.calls)
+    err = torch.full((n, len(names), max_age), math.nan, dtype=torch.float64)
+    full_out = [_guided(_prediction(unet(*args, **kwargs)).double(), traj.guidance_scale) for args, kwargs in
+                traj.calls]
+    ones = torch.ones(len(units), dtype=torch.bool)
+    for a in range(1, max_age + 1):
+        for s in range(a, n):
+            # the plan: row 0 full (at step s - a), then the kinds in order of increasing recomputation at step s;
+            # a kind recomputes a superset of the units of the ones before it, so their refreshes never leak into
+            # the units a later kind reuses
+            mask = torch.stack([ones] + [kinds[names[i]] for i in order])
+            apply_branch_reuse(unet, BranchReusePlan(mask), strict_steps=False)
+            try:
+                args, kwargs = traj.calls[s - a]
+                unet(*args, **kwargs)  # through the step hook: a new generation, row 0 computes and caches all
+                step_hook = get_hook(unet, STEP_HOOK)
+                args, kwargs = traj.calls[s]
+                for row, i in enumerate(order, start=1):
+                    # same step, several row kinds: set the row and call past the step hook (no step advance)
+                    step_hook.state.row = mask[row].tolist()
+                    out = _prediction(step_hook.fn_ref.original_forward(*args, **kwargs)).double()
+                    err[s, i, a - 1] = float((_guided(out, traj.guidance_scale) - full_out[s]).pow(2).mean())
+            finally:
+                remove_branch_reuse(unet)
+        _log(progress, f"reuse errors at cache age {a}: done")
+    return err
+
+
+def ddim_weights(scheduler, timesteps: Sequence[float]) -> torch.Tensor:
+    """w_s: final-sample sensitivity to the noise prediction at step s under deterministic DDIM (module doc)."""
+    ac = scheduler.alphas_cumprod.double()
+    final = float(getattr(scheduler, "final_alpha_cumprod", ac[0]))
+    ts = [int(round(t)) for t in timesteps]
+    w = []
+    for i, t in enumerate(ts):
+        a_t = float(ac[t])
+        a_p = float(ac[ts[i + 1]]) if i + 1 < len(ts) else final
+        d = math.sqrt(1 - a_p) - math.sqrt(a_p / a_t) * math.sqrt(1 - a_t)
+        w.append(abs(d) * math.sqrt(final / a_p))
+    return torch.tensor(w, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# choosing rows
+
+
+@torch.no_grad()
+def row_flops(pipe, traj: Trajectory, kinds: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """FLOPs of one full UNet call and of one call with each row kind (second call of a 2-row plan)."""
+    unet = resolve_model(pipe)
+    units = unet_units(unet)
+    args0, kw0 = traj.calls[0]
+    args1, kw1 = traj.calls[1]
+    with flop_counter() as c:
+        unet(*args0, **kw0)
+    full = float(c.get_total_flops())
+    out = {}
+    for name, row in kinds.items():
+        apply_branch_reuse(unet, BranchReusePlan(torch.stack([torch.ones(len(units), dtype=torch.bool), row])),
+                           strict_steps=False)
+        try:
+            unet(*args0, **kw0)
+            with flop_counter() as c:
+                unet(*args1, **kw1)
+            out[name] = float(c.get_total_flops())
+        finally:
+            remove_branch_reuse(unet)
+    return full, out
+
+
+def dp_rows(err: torch.Tensor, weights: torch.Tensor, costs: torch.Tensor, full_cost: float,
+            lam: float) -> list[int]:
+    """Rows minimising sum w_s^2 e(s, k_s, age_s) + lam * cost; -1 = full row. State: steps since the last full
+    row (the deep caches' age)."""
+    n, k, max_age = err.shape
+    inf = math.inf
+    # best[a] = (objective, rows) with the last full row a steps ago (a = 0: this step was full)
+    best: list[tuple[float, list[int]]] = [(lam * full_cost, [-1])] + [(inf, [])] * max_age
+    for s in range(1, n):
+        nxt: list[tuple[float, list[int]]] = [(inf, [])] * (max_age + 1)
+        for a, (obj, rows) in enumerate(best):
+            if obj == inf:
+                continue
+            cand = obj + lam * full_cost
+            if cand < nxt[0][0]:
+                nxt[0] = (cand, rows + [-1])
+            if a + 1 <= max_age:
+                for j in range(k):
+                    e = float(err[s, j, a])
+                    if math.isnan(e):
+                        continue
+                    cand = obj + float(weights[s]) ** 2 * e + lam * float(costs[j])
+                    if cand < nxt[a + 1][0]:
+                        nxt[a + 1] = (cand, rows + [j])
+        best = nxt
+    return min(best, key=lambda b: b[0])[1]
+
+
+def rows_ratio(rows: list[int], costs: torch.Tensor, full_cost: float) -> float:
+    total = sum(full_cost if r < 0 else float(costs[r]) for r in rows)
+    return len(rows) * full_cost / total
+
+
+def plan_for_ratio(err: torch.Tensor, weights: torch.Tensor, costs: torch.Tensor, full_cost: float,
+                   target: float, iters: int = 60) -> list[int]:
+    """Bisect the FLOPs multiplier until the DP plan's modelled FLOPs ratio is the smallest one >= target."""
+    lo, hi = 0.0, 1.0
+    while rows_ratio(dp_rows(err, weights, costs, full_cost, hi), costs, full_cost) < target:
+        hi *= 4
+        if hi > 1e30:
+            raise ValueError(f"no plan reaches a FLOPs ratio of {target:.3f} (the cheapest rows do not)")
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6 if hi > 1e-300 else 0.0
+        if rows_ratio(dp_rows(err, weights, costs, full_cost, mid), costs, full_cost) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return dp_rows(err, weights, costs, full_cost, hi)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+@dataclass
+class CalibrationReport:
+    """What `calibrate_unet` measured for the plan it returns."""
+
+    target_speedup: float | None
+    min_psnr: float | None
+    steps: int
+    rows: list[str]
+    modelled_flops_ratio: float
+    measured_flops_ratio: float
+    psnr: float
+    ssim: float
+    calibration_images: int
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
+        return d
+
+
+def _rows_to_plan(rows: list[int], names: list[str], kinds: dict[str, torch.Tensor], units,
+                  meta: dict[str, str]) -> BranchReusePlan:
+    ones = torch.ones(len(units), dtype=torch.bool)
+    mask = torch.stack([ones if r < 0 else kinds[names[r]] for r in rows])
+    row_names = ["full" if r < 0 else names[r] for r in rows]
+    return BranchReusePlan(mask, tuple(u.name for u in units), {**meta, "rows": ",".join(row_names)})
+
+
+@torch.no_grad()
+def whole_call_flops(pipe, call_kwargs: dict[str, Any], plan: BranchReusePlan | None) -> float:
+    """FLOPs of one pipeline call on one image (first prompt / seed), with the plan attached when given."""
+    kw = dict(call_kwargs)
+    if "prompt" in kw and isinstance(kw["prompt"], list):
+        kw["prompt"] = kw["prompt"][:1]
+    if isinstance(kw.get("generator"), list):
+        kw["generator"] = kw["generator"][:1]
+    if plan is not None:
+        apply_branch_reuse(pipe, plan)
+    try:
+        with flop_counter() as c:
+            pipe(**kw)
+    finally:
+        if plan is not None:
+            remove_branch_reuse(pipe)
+    return float(c.get_total_flops())
+
+
+class UNetCalibrator:
+    """Steps 1-3 of the module docstring once (trajectory, reuse errors, weights, row FLOPs); then `check(target)`
+    and `for_psnr(floor)` choose and measure plans cheaply for as many targets as wanted."""
+
+    @torch.no_grad()
+    def __init__(self, pipe, prompts: Sequence[str], *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_images: int = 8, seed: int = 10_000, max_age: int = 4, progress: bool = False,
+                 **call_kwargs: Any) -> None:
+        from ..core import make_generators, pipeline_output_to_uint8
+
+        if not prompts:
+            raise ValueError("calibration needs at least one prompt")
+        if num_images < 1 or num_inference_steps < 2:
+            raise ValueError("calibration needs num_images >= 1 and num_inference_steps >= 2")
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.progress, self.seed, self.num_images = pipe, progress, seed, num_images
+        self.steps, self.guidance_scale = num_inference_steps, guidance_scale
+        unet = resolve_model(pipe)
+        self.units = unet_units(unet)
+        prompt_list = [prompts[i % len(prompts)] for i in range(num_images)]
+        self.kw = {**call_kwargs, "prompt": prompt_list, "num_inference_steps": num_inference_steps,
+                   "guidance_scale": guidance_scale, "output_type": "np"}
+        self._gens = lambda: make_generators(seed, num_images)
+        _log(progress, f"recording the plain trajectory ({num_images} images, {num_inference_steps} steps)")
+        reset_caches(pipe)
+        traj, plain = record_trajectory(pipe, {**self.kw, "generator": self._gens()})
+        if len(traj.calls) != num_inference_steps:
+            raise ValueError(f"expected one UNet call per step, saw {len(traj.calls)} for {num_inference_steps} "
+                             "steps (unbatched classifier-free guidance is not supported by calibration)")
+        self.plain_u8 = pipeline_output_to_uint8(plain.images)
+        self.kinds = row_kinds(unet)
+        self.names = list(self.kinds)
+        full_cost, kind_costs = row_flops(pipe, traj, self.kinds)
+        # per image: UNet FLOPs are linear in the batch; the whole call is counted on one image
+        self.full_cost = full_cost / num_images
+        self.costs = torch.tensor([kind_costs[n] / num_images for n in self.names], dtype=torch.float64)
+        _log(progress, "measuring reuse errors (" + ", ".join(
+            f"{n}: {kind_costs[n] / full_cost:.2f} of a full call" for n in self.names) + ")")
+        self.err = measure_reuse_errors(pipe, traj, self.kinds, max_age=max_age, progress=progress)
+        self.weights = ddim_weights(pipe.scheduler, traj.timesteps)
+        self.f_plain = whole_call_flops(pipe, {**self.kw, "generator": self._gens()}, None)
+        self.unet_total = num_inference_steps * self.full_cost
+        self.other = max(self.f_plain - self.unet_total, 0.0)
+
+    def max_speedup(self) -> float:
+        """The whole-call FLOPs ratio of the cheapest plan (row 0 full, every other row the cheapest kind)."""
+        unet = self.full_cost + (self.steps - 1) * float(self.costs.min())
+        return self.f_plain / (self.other + unet)
+
+    @torch.no_grad()
+    def check(self, target: float) -> tuple[BranchReusePlan, CalibrationReport]:
+        """The DP plan for a whole-call FLOPs ratio >= `target`, sampled on the calibration images and measured."""
+        from ..core import pipeline_output_to_uint8
+        from ..evals.paired import paired_fidelity
+
+        if target < 1.0:
+            raise ValueError(f"target speed-up must be >= 1, got {target}")
+        if target > self.max_speedup() * (1 + 1e-9):
+            raise ValueError(f"target speed-up {target:.3f} is beyond the cheapest plan's {self.max_speedup():.3f}")
+        unet_plan = self.f_plain / target - self.other  # the UNet FLOPs the plan may spend
+        unet_target = self.unet_total / unet_plan if target > 1 else 1.0
+        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost, unet_target)
+        plan = _rows_to_plan(rows, self.names, self.kinds, self.units, {
+            "kind": "branch-reuse-calibrated", "target_speedup": f"{target:.4f}", "steps": str(self.steps),
+            "guidance_scale": str(self.guidance_scale), "calibration_seed": str(self.seed),
+            "calibration_images": str(self.num_images)})
+        apply_branch_reuse(self.pipe, plan)
+        try:
+            out = self.pipe(**{**self.kw, "generator": self._gens()})
+        finally:
+            remove_branch_reuse(self.pipe)
+        fid = paired_fidelity(pipeline_output_to_uint8(out.images), self.plain_u8, extractor=None)
+        measured = self.f_plain / whole_call_flops(self.pipe, {**self.kw, "generator": self._gens()}, plan)
+        rep = CalibrationReport(target_speedup=target, min_psnr=None, steps=self.steps,
+                                rows=plan.metadata["rows"].split(","),
+                                modelled_flops_ratio=rows_ratio(rows, self.costs, self.full_cost),
+                                measured_flops_ratio=measured, psnr=fid.psnr, ssim=fid.ssim,
+                                calibration_images=self.num_images, seed=self.seed)
+        _log(self.progress, f"target {target:.3f}: measured FLOPs ratio {measured:.3f}, PSNR {fid.psnr:.2f} dB, "
+                            f"SSIM {fid.ssim:.4f}")
+        return plan, rep
+
+    def for_psnr(self, min_psnr: float, probes: int = 7) -> tuple[BranchReusePlan, CalibrationReport]:
+        """The fastest plan found (bisection over targets) whose calibration PSNR is >= `min_psnr`."""
+        lo, hi = 1.0, self.max_speedup()
+        best = None
+        for _ in range(probes):
+            mid = math.sqrt(lo * hi)
+            plan, rep = self.check(mid)
+            if rep.psnr >= min_psnr:
+                best, lo = (plan, rep), mid
+            else:
+                hi = mid
+        if best is None:
+            rows = [-1] * self.steps
+            plan = _rows_to_plan(rows, self.names, self.kinds, self.units, {"kind": "no-reuse"})
+            rep = CalibrationReport(None, min_psnr, self.steps, ["full"] * self.steps, 1.0, 1.0, math.inf, 1.0,
+                                    self.num_images, self.seed, ["no plan with reuse met the PSNR floor"])
+            return plan, rep
+        best[1].min_psnr = min_psnr
+        return best
+
+
+def calibrate_unet(pipe, prompts: Sequence[str], *, target_speedup: float | None = None,
+                   min_psnr: float | None = None, **kwargs: Any) -> tuple[BranchReusePlan, CalibrationReport]:
+    """A branch reuse plan for `pipe` (a UNet text-to-image pipeline) at `target_speedup` (whole-call FLOPs
+    ratio) or, with `min_psnr`, the fastest plan found whose paired PSNR on the calibration images stays above the
+    floor; plus the measured report. `kwargs` go to `UNetCalibrator` (num_inference_steps, guidance_scale,
+    num_images, seed = first calibration seed — keep them apart from evaluation seeds —, max_age, progress)."""
+    if (target_speedup is None) == (min_psnr is None):
+        raise ValueError("give exactly one of target_speedup and min_psnr")
+    if target_speedup is not None and target_speedup < 1.0:
+        raise ValueError(f"target_speedup must be >= 1, got {target_speedup}")
+    cal = UNetCalibrator(pipe, prompts, **kwargs)
+    return cal.check(target_speedup) if target_speedup is not None else cal.for_psnr(min_psnr)

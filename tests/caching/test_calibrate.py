@@ -1,0 +1,77 @@
+"""Calibration of branch reuse plans: a real (tiny) pipeline, measured ratios, the DP, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffaccel.caching.branch_reuse import BranchReusePlan, unet_units
+from diffaccel.caching.calibrate import UNetCalibrator, ddim_weights, dp_rows, plan_for_ratio, rows_ratio
+from diffaccel.cli import main
+from diffaccel.zoo import load
+from diffusers import DDIMScheduler
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def calibrator():
+    pipe = load("random-sd")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return UNetCalibrator(pipe, ["a handwritten digit one", "a handwritten digit two"], num_inference_steps=STEPS,
+                          guidance_scale=3.0, num_images=2, seed=123, max_age=2)
+
+
+def test_reuse_errors_are_measured_where_defined(calibrator):
+    err = calibrator.err
+    assert err.shape == (STEPS, len(calibrator.kinds), 2)
+    assert torch.isnan(err[0]).all() and torch.isnan(err[1, :, 1]).all()  # no cache older than the trajectory
+    finite = err[~torch.isnan(err)]
+    assert (finite >= 0).all() and (finite > 0).any()
+    # recomputing more of the UNet from the same caches cannot be worse on average than reusing everything
+    names = list(calibrator.kinds)
+    assert float(err[1:, names.index("cut0"), 0].mean()) <= float(err[1:, names.index("reuse-all"), 0].mean())
+
+
+def test_plan_meets_the_target_and_the_model_matches_the_measurement(calibrator):
+    target = 1.4
+    plan, rep = calibrator.check(target)
+    assert isinstance(plan, BranchReusePlan) and plan.num_steps == STEPS
+    assert plan.num_units == len(unet_units(calibrator.pipe.unet)) and bool(plan.mask[0].all())
+    # FLOP counts are exact integers of the executed ops: the modelled whole-call ratio (per-row UNet FLOPs plus
+    # the rest of the call) and the measured one differ only by how the non-UNet work is split per image
+    assert rep.measured_flops_ratio >= target * 0.99
+    assert rep.measured_flops_ratio == pytest.approx(target, rel=0.25)
+    assert math.isfinite(rep.psnr) and 0 < rep.ssim < 1
+    json.dumps(rep.as_dict(), allow_nan=False)
+    with pytest.raises(ValueError, match="beyond"):
+        calibrator.check(calibrator.max_speedup() * 1.5)
+
+
+def test_dp_trades_error_for_compute():
+    # two kinds: "cheap" (cost 0, error 1 at any age) and "dear" (cost 0.5, error 0.1); 5 steps
+    err = torch.tensor([[1.0, 0.1]] * 5, dtype=torch.float64)[:, :, None].repeat(1, 1, 4)
+    err[0] = math.nan
+    w, costs = torch.ones(5, dtype=torch.float64), torch.tensor([0.0, 0.5], dtype=torch.float64)
+    assert dp_rows(err, w, costs, 1.0, lam=1e-6) == [-1] * 5  # compute is free: every row full
+    assert dp_rows(err, w, costs, 1.0, lam=1e6) == [-1, 0, 0, 0, 0]  # compute is dear: cheapest rows
+    rows = plan_for_ratio(err, w, costs, 1.0, target=1.6)
+    assert rows_ratio(rows, costs, 1.0) >= 1.6 and rows[0] == -1
+
+
+def test_ddim_weights_are_positive(calibrator):
+    w = ddim_weights(calibrator.pipe.scheduler, [981.0, 741.0, 501.0, 261.0, 21.0])
+    assert w.shape == (5,) and bool((w > 0).all())
+
+
+def test_cli_calibrate(tmp_path, capsys):
+    out = tmp_path / "p.branch.safetensors"
+    code = main(["cache", "calibrate", "--model", "random-sd", "--speedup", "1.3", "--steps", "6", "--images", "1",
+                 "--guidance", "3.0", "--out", str(out), "--json", "-q"])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["measured_flops_ratio"] >= 1.3 * 0.99 and out.is_file()
+    assert BranchReusePlan.load(out).metadata["model"] == "random-sd"
+    assert main(["cache", "calibrate", "--model", "digits-dit", "--speedup", "2", "--out", str(out), "-q"]) == 2
