@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
+from ..core.families import find_denoiser
 from ..core.flops import flop_counter
+from ..core.hooks import get_hook, reset_caches
 from .branch_reuse import (
     STEP_HOOK,
     BranchReusePlan,
@@ -38,7 +40,6 @@ from .branch_reuse import (
     remove_branch_reuse,
     unet_units,
 )
-from .hooks import get_hook, reset_caches, resolve_model
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -91,7 +92,7 @@ def _detach(obj: Any) -> Any:
 @torch.no_grad()
 def record_trajectory(pipe, call_kwargs: dict[str, Any]) -> tuple[Trajectory, Any]:
     """Run the plain pipeline once, recording every UNet call's inputs; returns (trajectory, pipeline output)."""
-    unet = resolve_model(pipe)
+    unet = find_denoiser(pipe)
     calls: list[tuple[tuple, dict]] = []
 
     def pre(module, args, kwargs):
@@ -123,7 +124,7 @@ def measure_reuse_errors(pipe, traj: Trajectory, kinds: dict[str, torch.Tensor],
                          progress: bool = False) -> torch.Tensor:
     """e[s, k, a-1]: mean squared error of the guided prediction at step s with row kind k and caches from step
     s - a, against the full prediction (teacher-forced on the plain trajectory). NaN where s - a < 0."""
-    unet = resolve_model(pipe)
+    unet = find_denoiser(pipe)
     units = unet_units(unet)
     names = list(kinds)
     order = sorted(range(len(names)), key=lambda i: int(kinds[names[i]].sum()))  # fewest recomputed units first
@@ -176,7 +177,7 @@ def ddim_weights(scheduler, timesteps: Sequence[float]) -> torch.Tensor:
 @torch.no_grad()
 def row_flops(pipe, traj: Trajectory, kinds: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """FLOPs of one full UNet call and of one call with each row kind (second call of a 2-row plan)."""
-    unet = resolve_model(pipe)
+    unet = find_denoiser(pipe)
     units = unet_units(unet)
     args0, kw0 = traj.calls[0]
     args1, kw1 = traj.calls[1]
@@ -322,7 +323,7 @@ class UNetCalibrator:
             pipe.set_progress_bar_config(disable=True)
         self.pipe, self.progress, self.seed, self.num_images = pipe, progress, seed, num_images
         self.steps, self.guidance_scale = num_inference_steps, guidance_scale
-        unet = resolve_model(pipe)
+        unet = find_denoiser(pipe)
         self.units = unet_units(unet)
         prompt_list = [prompts[i % len(prompts)] for i in range(num_images)]
         self.kw = {**call_kwargs, "prompt": prompt_list, "num_inference_steps": num_inference_steps,
@@ -420,3 +421,23 @@ def calibrate_unet(pipe, prompts: Sequence[str], *, target_speedup: float | None
         raise ValueError(f"target_speedup must be >= 1, got {target_speedup}")
     cal = UNetCalibrator(pipe, prompts, **kwargs)
     return cal.check(target_speedup) if target_speedup is not None else cal.for_psnr(min_psnr)
+
+
+def plan_from_rows(rows: Sequence[str], unet, metadata: dict[str, str] | None = None) -> BranchReusePlan:
+    """Rebuild a calibrated plan from its row names ("full", "reuse-all", "cut<c>"; a plan's `rows` metadata) on
+    any UNet: the same per-step pattern mapped onto that UNet's branches (cuts beyond its depth are clamped)."""
+    units = unet_units(unet)
+    r_total = (len(units) - 1) // 2
+    ones = torch.ones(len(units), dtype=torch.bool)
+    mask = []
+    for name in rows:
+        if name == "full":
+            mask.append(ones)
+        elif name == "reuse-all":
+            mask.append(cut_row(units, -1))
+        elif name.startswith("cut") and name[3:].isdigit():
+            mask.append(cut_row(units, min(int(name[3:]), r_total - 2)))
+        else:
+            raise ValueError(f"unknown row kind {name!r} (expected full, reuse-all or cut<c>)")
+    return BranchReusePlan(torch.stack(mask), tuple(u.name for u in units), {**(metadata or {}),
+                                                                               "rows": ",".join(rows)})
