@@ -100,13 +100,52 @@ def clip_vision_config() -> dict:
     )
 
 
+# digits-flux: a FluxTransformer2DModel on the digits-vae latents (4x8x8, packed 2x2 into 16 tokens of 16 channels),
+# a tiny T5 encoder for the token sequence and digits-clip's text tower for the pooled embedding.
+FLUX_MAX_SEQUENCE_LENGTH = 16  # T5 tokens per prompt; the pipeline must be called with max_sequence_length=16
+T5_DIM = 64
+
+
+def flux_transformer_config() -> dict:
+    head_dim = 32
+    return dict(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=2,  # double-stream (MMDiT) blocks
+        num_single_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=4,
+        joint_attention_dim=T5_DIM,
+        pooled_projection_dim=TEXT_DIM,
+        guidance_embeds=False,  # trained with caption dropout: true classifier-free guidance (`true_cfg_scale`)
+        axes_dims_rope=(8, 12, 12),
+    )
+
+
+def t5_encoder_config(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, d_model=T5_DIM, d_kv=16, d_ff=2 * T5_DIM, num_layers=2, num_heads=4,
+                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def flux_scheduler_config() -> dict:
+    # FLUX.1-dev's scheduler settings: resolution-dependent ("dynamic") exponential time shift.
+    return dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def build(name: str) -> nn.Module:
     """Randomly initialised network of a zoo entry (used by the trainers and by structural tests)."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DiTTransformer2DModel,
+        FluxTransformer2DModel,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
 
     torch.manual_seed(0)
     if name == "vae":
@@ -117,4 +156,6 @@ def build(name: str) -> nn.Module:
         return UNet2DConditionModel(**sd_unet_config())
     if name == "dit":
         return DiTTransformer2DModel(**dit_config())
+    if name == "flux":
+        return FluxTransformer2DModel(**flux_transformer_config())
     raise KeyError(name)

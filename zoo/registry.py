@@ -38,6 +38,8 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("digits-ddpm", "DDPMPipeline", "pixel-space UNet2DModel, epsilon, 1000-step linear schedule", True),
     ZooEntry("digits-sd", "StableDiffusionPipeline", "text-to-image latent UNet2DConditionModel + CLIP text", True),
     ZooEntry("digits-dit", "DiTPipeline", "class-conditional DiTTransformer2DModel on digits-vae latents", True),
+    ZooEntry("digits-flux", "FluxPipeline", "rectified-flow FluxTransformer2DModel + CLIP (pooled) and T5 text",
+             True),
     ZooEntry("digits-sd-onestep", "RectifiedFlowPipeline", "one-step student distilled from digits-sd via 2-RF", True),
     ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
     ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
@@ -135,6 +137,10 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
 
         id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
         return DiTPipeline.from_pretrained(str(path), id2label=id2label, **kw).to(dev)
+    if name == "digits-flux":
+        from diffusers import FluxPipeline
+
+        return FluxPipeline.from_pretrained(str(path), **kw).to(dev)
     if name == "digits-sd-onestep":
         from ..distill.pipeline import RectifiedFlowPipeline
 

@@ -78,3 +78,18 @@ def build_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(
         str(folder), model_max_length=MODEL_MAX_LENGTH, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS
     )
+
+
+def build_t5_tokenizer():
+    """A word-level `T5Tokenizer` (SentencePiece unigram format) holding every caption word, numerals and letters.
+
+    Each caption word is one piece; anything else falls back to single letters, then to `<unk>`.
+    """
+    from transformers import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
+    pieces += [f"\u2581{w}" for w in caption_words()] + [f"\u2581{d}" for d in range(10)]
+    pieces += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    # Unigram scores: whole words before letters (a higher score wins the segmentation).
+    vocab = [(p, 0.0 if i < 3 else (-1.0 if p.startswith("\u2581") else -10.0)) for i, p in enumerate(pieces)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)

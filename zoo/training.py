@@ -49,6 +49,7 @@ SETTINGS: dict[str, TrainSettings] = {
     "digits-sd": TrainSettings(iterations=1600, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
     "digits-dit": TrainSettings(iterations=2000, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
     "digits-ddpm": TrainSettings(iterations=3000, batch_size=64, lr=1e-3, warmup=100, ema=0.999),
+    "digits-flux": TrainSettings(iterations=1800, batch_size=128, lr=1e-3, warmup=200, ema=0.995),
 }
 
 
@@ -317,6 +318,86 @@ def train_ddpm(s: TrainSettings) -> tuple[torch.nn.Module, dict]:
     return unet, {"final_loss": unet.final_loss}
 
 
+def flux_text_encoders():
+    """digits-flux's text side: (CLIP tokenizer, CLIP text tower of digits-clip, T5 tokenizer, tiny T5 encoder).
+
+    The CLIP tower gives the pooled embedding (trained contrastively on the captions); the T5 encoder is a seeded,
+    randomly initialised, frozen `T5EncoderModel` in the standard layout (no T5 pre-training is possible offline).
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    from . import load
+    from .tokenizer import build_t5_tokenizer
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        t5_tok = build_t5_tokenizer()
+        t5 = T5EncoderModel(T5Config(**arch.t5_encoder_config(len(t5_tok)))).eval().requires_grad_(False)
+    finally:
+        torch.random.set_rng_state(state)
+    clip_text = _text_encoder_from_clip(load("digits-clip")).requires_grad_(False)
+    return load_tokenizer(), clip_text, t5_tok, t5
+
+
+def flux_shift_mu(image_seq_len: int) -> float:
+    """FluxPipeline's `mu` (log of the exponential time shift) for a latent of `image_seq_len` packed tokens."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = arch.flux_scheduler_config()
+    return calculate_shift(image_seq_len, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"],
+                           c["max_shift"])
+
+
+def train_flux(s: TrainSettings) -> tuple[torch.nn.Module, dict]:
+    """Rectified-flow training of a FluxTransformer2DModel (velocity target noise - x0, as FlowMatchEuler expects).
+
+    Noise levels: logit-normal (SD3, Esser et al. 2024, eq. 19) pushed through the same exponential time shift
+    FluxPipeline samples with at this resolution, so training and sampling see the same sigmas.
+    Captions are dropped to "" 10% of the time, which makes true classifier-free guidance (`true_cfg_scale`) work.
+    """
+    from diffusers import FluxPipeline
+
+    from . import load
+
+    data = load_split("train")
+    vae = load("digits-vae")
+    mean, std = _encode_latents(vae, data.images)
+    sf = vae.config.scaling_factor
+    clip_tok, clip_text, t5_tok, t5 = flux_text_encoders()
+    n_t = len(CAPTION_TEMPLATES)
+    texts = [caption(k, t) for k in range(DIGIT_CLASSES) for t in range(n_t)] + [""]
+    with torch.no_grad():
+        pooled = clip_text(input_ids=_tokenize(clip_tok, texts)).pooler_output
+        ids = t5_tok(texts, padding="max_length", max_length=arch.FLUX_MAX_SEQUENCE_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+        seq = t5(ids).last_hidden_state
+    flux = arch.build("flux")
+    c, h, w = mean.shape[1:]
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(arch.FLUX_MAX_SEQUENCE_LENGTH, 3)
+    mu = flux_shift_mu(img_ids.shape[0])
+
+    def loss_fn(step, gen):
+        i = _batch_idx(len(data), s.batch_size, gen)
+        b = len(i)
+        z = (mean[i] + std[i] * torch.randn(mean[i].shape, generator=gen)) * sf
+        e_idx = data.labels[i] * n_t + torch.randint(0, n_t, (b,), generator=gen)
+        drop = torch.rand(b, generator=gen) < 0.1
+        e_idx = torch.where(drop, torch.full_like(e_idx, len(texts) - 1), e_idx)
+        u = torch.sigmoid(torch.randn(b, generator=gen))
+        sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        noise = torch.randn(z.shape, generator=gen)
+        x_t = (1 - sigma[:, None, None, None]) * z + sigma[:, None, None, None] * noise
+        pred = flux(hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w), timestep=sigma,
+                    pooled_projections=pooled[e_idx], encoder_hidden_states=seq[e_idx], txt_ids=txt_ids,
+                    img_ids=img_ids, return_dict=False)[0]
+        return F.mse_loss(pred, FluxPipeline._pack_latents(noise - z, b, c, h, w))
+
+    flux = _loop("digits-flux", flux, loss_fn, s)
+    return flux, {"final_loss": flux.final_loss}
+
+
 # --------------------------------------------------------------------------------------------------- schedules
 def sd_scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -350,7 +431,13 @@ def load_tokenizer():
 # --------------------------------------------------------------------------------------------------- saving
 def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, seconds: float, out_root: Path) -> Path:
     """Assemble the entry's folder in a temporary directory, then swap it in (never a half-written entry)."""
-    from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline
+    from diffusers import (
+        DDPMPipeline,
+        DiTPipeline,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusionPipeline,
+    )
     from transformers import CLIPImageProcessor, CLIPProcessor
 
     from . import load
@@ -388,6 +475,14 @@ def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, second
         pipe.to(half).save_pretrained(tmp)
         # DiTPipeline does not store id2label; keep it beside the pipeline so `zoo.load` can pass it back.
         (tmp / "id2label.json").write_text(json.dumps(id2label, indent=1))
+    elif name == "digits-flux":
+        clip_tok, clip_text, t5_tok, t5 = flux_text_encoders()
+        vae = load("digits-vae")
+        vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scaling_factor + shift_factor
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**arch.flux_scheduler_config()), vae=vae,
+                            text_encoder=clip_text, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+                            transformer=copy.deepcopy(model))
+        pipe.to(half).save_pretrained(tmp)
     else:
         raise KeyError(name)
     # from_pretrained records where a component came from; that is a path of the training machine, not ours to ship.
@@ -426,9 +521,10 @@ TRAINERS = {
     "digits-sd": train_sd,
     "digits-dit": train_dit,
     "digits-ddpm": train_ddpm,
+    "digits-flux": train_flux,
 }
 # digits-sd and digits-dit need the VAE; digits-sd needs the CLIP text tower; the VAE needs the extractor.
-TRAIN_ORDER = ["digits-features", "digits-vae", "digits-clip", "digits-sd", "digits-dit", "digits-ddpm"]
+TRAIN_ORDER = ["digits-features", "digits-vae", "digits-clip", "digits-sd", "digits-dit", "digits-ddpm", "digits-flux"]
 
 
 def train(name: str, iterations: int | None = None, out_root: str | Path | None = None, threads: int = 2,
@@ -455,17 +551,18 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
         model.save_pretrained(str(rescue))
         raise RuntimeError(f"training of {name} finished but assembling the entry failed; the trained network is "
                            f"saved in {rescue}") from exc
-    if quality_samples and name in ("digits-sd", "digits-dit", "digits-ddpm"):
+    if quality_samples and name in ("digits-sd", "digits-dit", "digits-ddpm", "digits-flux"):
         # Quality floor of what was written (float16-stored weights, loaded back as float32), into the card.
-        from .quality import measure_quality
+        from .quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, measure_quality
         from .registry import load_from
 
         pipe = load_from(name, path, torch.device("cpu"), torch.float32)
-        quality = measure_quality(name, n=quality_samples, steps=25, seed=0, pipe=pipe)
+        steps = DEFAULT_STEPS.get(name, 25)
+        quality = measure_quality(name, n=quality_samples, steps=steps, seed=0, pipe=pipe)
         card_file = path / "card.json"
         card = json.loads(card_file.read_text())
-        card["quality"] = {**quality, "sampler": "shipped DDIMScheduler (eta=0)",
-                           "guidance": {"digits-sd": 7.5, "digits-dit": 4.0}.get(name)}
+        sampler = "shipped " + ("FlowMatchEulerDiscreteScheduler" if name == "digits-flux" else "DDIMScheduler (eta=0)")
+        card["quality"] = {**quality, "sampler": sampler, "guidance": DEFAULT_GUIDANCE.get(name)}
         card_file.write_text(json.dumps(card, indent=1))
     write_model_card(path)
     return path
