@@ -22,6 +22,13 @@ For ``v_prediction`` every model output is converted to eps at its own (x, t) be
 (history holds eps). diffusers' PNDM instead combines raw v's and converts once with the transition's source level
 and start sample, so for ``plms-ldm``/``f-pndm`` with v-prediction the two differ (for ``ddim`` they agree).
 
+Flow matching (``prediction_type="flow_prediction"``, or `from_config` of a FlowMatch scheduler): the same plans on
+FlowMatchEulerDiscreteScheduler's sigma grid (same shift, dynamic shift and terminal options), with the gradient
+part on the velocity and the transfer part the exact map of the flow interpolation, `x + (σ' - σ) v`
+(`flow.flow_transfer`). That map is linear, so on a flow model the family reduces to classical methods in σ:
+``ddim`` is FlowMatch-Euler, ``pie`` is Heun's method, ``prk`` is RK4 and ``f-pndm`` RK4 then 4-step
+Adams-Bashforth (``fon`` is the same method there). PRK midpoints sit at `(σ + σ') / 2`.
+
 The Adams-Bashforth weights assume equal spacing; like the original code, LDM and diffusers, they are applied
 unchanged on non-uniform grids. With the default config, `plms-ldm` equals diffusers
 `PNDMScheduler(skip_prk_steps=True)` and `f-pndm` equals diffusers' PRK mode (same `timesteps`, same outputs).
@@ -37,6 +44,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from .flow import flow_base_scheduler, flow_transfer, is_flow_config
 from .transfer import FINAL, GRID_SPACINGS, epsilon_from_v, make_betas, make_grid, transfer, work_dtype
 
 #: transition kinds per method: (kinds of transitions 1..len-1, kind of every later transition)
@@ -115,7 +123,12 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         set_alpha_to_one: final level is 1 (clean) instead of ``alphas_cumprod[0]``.
         alpha_index_shift: 0 (diffusers, training-consistent) or 1 (reproduce luping-liu/PNDM: the model gets
             ``t`` but the coefficients use ``alphas_cumprod[t + 1]``, final level ``alphas_cumprod[0]``).
-        prediction_type: ``epsilon`` or ``v_prediction`` (converted per evaluation to eps before any combination).
+        prediction_type: ``epsilon`` or ``v_prediction`` (converted per evaluation to eps before any combination),
+            or ``flow_prediction`` (flow matching, see the module docstring; set automatically by `from_config` of a
+            FlowMatch scheduler's config).
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, shift_terminal,
+            time_shift_type: flow matching only; FlowMatchEulerDiscreteScheduler's options, same meaning (its
+            `set_timesteps` builds the sigma grid, so both use the same sigmas).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -135,13 +148,24 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         alpha_index_shift: int = 0,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: float | None = None,
+        time_shift_type: str = "exponential",
     ):
         self._method = canonical_method(method)
-        if prediction_type not in ("epsilon", "v_prediction"):
+        if prediction_type not in ("epsilon", "v_prediction", "flow_prediction"):
             raise ValueError(
                 f"prediction_type={prediction_type!r} is not supported by PseudoNumericalScheduler; "
-                "it must be 'epsilon' or 'v_prediction'"
+                "it must be 'epsilon', 'v_prediction' or 'flow_prediction'"
             )
+        self._flow = prediction_type == "flow_prediction"
+        # flow matching: FlowMatchEulerDiscreteScheduler with our sigma options makes every sigma grid
+        self._flow_grid = flow_base_scheduler(dict(self.config)) if self._flow else None
         if timestep_spacing not in GRID_SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is not supported; choose one of {GRID_SPACINGS}")
         if alpha_index_shift not in (0, 1):
@@ -160,6 +184,21 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         self._plan: list[_Eval] = []
         self._begin_index: int | None = None
         self._reset_state()
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """As diffusers' `from_config`; a flow-matching scheduler's config selects ``prediction_type="flow_prediction"``."""
+        cfg = dict(config or {})
+        if is_flow_config(cfg) and "prediction_type" not in kwargs:
+            kwargs["prediction_type"] = "flow_prediction"
+            if cfg.get("use_flow_sigmas") and "flow_shift" in cfg and "shift" not in kwargs:
+                kwargs["shift"] = cfg["flow_shift"]  # DPM-Solver/UniPC in flow mode name the shift `flow_shift`
+        return super().from_config(cfg, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def is_flow(self) -> bool:
+        """True in flow-matching mode (grid times are sigmas, model outputs velocities)."""
+        return self._flow
 
     # ------------------------------------------------------------------ grid and plan
 
@@ -194,11 +233,20 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
     ) -> None:
         """Build the transition grid and `timesteps` (one int64 entry per model call); resets all history.
 
-        `timesteps` (optional) gives the transition start times directly (strictly decreasing).
+        `timesteps` (optional) gives the transition start times directly (strictly decreasing). Flow matching only:
+        `sigmas` and `mu` as FlowMatchEulerDiscreteScheduler takes them (FluxPipeline and SD3 pass them).
         """
+        if self._flow:
+            self._set_flow_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+            return
+        if sigmas is not None or mu is not None:
+            raise ValueError("`sigmas` and `mu` are flow-matching arguments; this scheduler has a VP config "
+                             f"(prediction_type={self.config.prediction_type!r})")
         cfg = self.config
         big_t = cfg.num_train_timesteps
         if timesteps is not None:
@@ -224,6 +272,22 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
                 f"alpha_index_shift={cfg.alpha_index_shift} model times must be <= {limit} "
                 f"(num_train_timesteps={big_t}); use fewer steps or a smaller offset"
             )
+        self._build_plan(num_inference_steps, grid)
+        ts = np.array([max(e.at, 0) for e in self._plan], dtype=np.int64)  # the final level is fed as t = 0
+        self.timesteps = torch.from_numpy(ts).to(device)
+
+    def _set_flow_timesteps(self, num_inference_steps, device, timesteps, sigmas, mu) -> None:
+        fg = self._flow_grid
+        fg.set_timesteps(num_inference_steps, device="cpu", sigmas=sigmas, mu=mu, timesteps=timesteps)
+        self.sigmas = fg.sigmas.clone()  # float32, N + 1 entries ending at the terminal level (0)
+        sig = self.sigmas.to(torch.float64).numpy()
+        self._flow_final = float(sig[-1])
+        self._build_plan(len(sig) - 1, sig[:-1])
+        # model input t = T σ in float32, computed as FlowMatchEulerDiscreteScheduler computes its timesteps
+        at = torch.tensor([e.at for e in self._plan], dtype=torch.float64).to(torch.float32)
+        self.timesteps = (at * self.config.num_train_timesteps).to(device)
+
+    def _build_plan(self, num_inference_steps: int, grid: np.ndarray) -> None:
         need = MIN_TRANSITIONS[self._method]
         if len(grid) < need:
             raise ValueError(
@@ -233,31 +297,48 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.grid = grid
         self._plan = []
-        for k, kind in enumerate(transition_kinds(self._method, len(grid))):
-            src, tgt = int(grid[k]), self._target(k)
-            mid = tgt + (src - tgt) // 2  # PRK midpoint: diffusers' `lower + r // 2`; (t + t') / 2 for even strides
+        # on a flow model FON's linear transfer is the flow map itself: FON and F-PNDM are the same method
+        method = "f-pndm" if self._flow and self._method == "fon" else self._method
+        for k, kind in enumerate(transition_kinds(method, len(grid))):
+            src, tgt = self._source(k), self._target(k)
+            mid = self._mid(src, tgt)
             points = {1: [src], 2: [src, tgt], 4: [src, mid, mid, tgt]}[_EVALS[kind]]
             self._plan += [_Eval(k, kind, s, p) for s, p in enumerate(points)]
-        ts = np.array([max(e.at, 0) for e in self._plan], dtype=np.int64)  # the final level is fed as t = 0
-        self.timesteps = torch.from_numpy(ts).to(device)
         self._begin_index = None
         self._reset_state()
 
-    def _target(self, k: int) -> int:
+    def _source(self, k: int):
+        return float(self.grid[k]) if self._flow else int(self.grid[k])
+
+    def _target(self, k: int):
+        if self._flow:
+            return float(self.grid[k + 1]) if k + 1 < len(self.grid) else self._flow_final
         return int(self.grid[k + 1]) if k + 1 < len(self.grid) else FINAL
 
-    def _level(self, t: torch.Tensor | int) -> torch.Tensor:
-        """Noise level `alphas_cumprod[t + alpha_index_shift]`; indices below 0 give the final level."""
+    def _mid(self, src, tgt):
+        """PRK midpoint: (σ + σ') / 2 on a flow grid; diffusers' `lower + r // 2` on integer times (= (t + t') / 2
+        for even strides). Works per sample on tensors."""
+        return (src + tgt) / 2 if self._flow else tgt + (src - tgt) // 2
+
+    def _move(self, x: torch.Tensor, e: torch.Tensor, a, a_next) -> torch.Tensor:
+        """The transfer part: PNDM's φ (Eq. 11) between VP levels, or the flow map between sigmas."""
+        return flow_transfer(x, e, a, a_next) if self._flow else transfer(x, e, a, a_next)
+
+    def _level(self, t: torch.Tensor | int | float) -> torch.Tensor:
+        """Noise level `alphas_cumprod[t + alpha_index_shift]`; indices below 0 give the final level.
+        On a flow grid times are sigmas and the level is σ itself."""
+        if self._flow:
+            return torch.as_tensor(t, dtype=torch.float64)
         idx = torch.as_tensor(t, dtype=torch.int64) + self.config.alpha_index_shift
         safe = idx.clamp(min=0)
         return torch.where(idx >= 0, self._acp64[safe], self._final64)
 
     # ------------------------------------------------------------------ hooks for TimeShiftScheduler
 
-    def next_evaluation(self) -> tuple[int, int, int, int]:
-        """`(transition, stage, source_time, nominal_target_time)` of the next `step()` call."""
+    def next_evaluation(self) -> tuple[int, int, int | float, int | float]:
+        """`(transition, stage, source_time, nominal_target_time)` of the next `step()` call (sigmas on a flow grid)."""
         e = self._plan[self._counter]
-        return e.k, e.stage, int(self.grid[e.k]), self._target(e.k)
+        return e.k, e.stage, self._source(e.k), self._target(e.k)
 
     def set_target_times(self, target_times: torch.Tensor | None) -> None:
         """Per-sample target times for the transition about to start (Time-Shift "target" mode, spec §2.5)."""
@@ -289,22 +370,23 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
                 "evaluations; call `set_timesteps` again to start a new one"
             )
         ev = self._plan[self._counter]
-        if int(timestep) != max(ev.at, 0):
+        expected = float(self.timesteps[self._counter])
+        if abs(float(timestep) - expected) > (1e-3 if self._flow else 0.0):
             raise ValueError(
-                f"step() got timestep {int(timestep)} but entry {self._counter} of `timesteps` is {max(ev.at, 0)}; "
+                f"step() got timestep {float(timestep):g} but entry {self._counter} of `timesteps` is {expected:g}; "
                 "multistep/multi-stage methods must be stepped through `timesteps` in order"
             )
-        src, tgt = int(self.grid[ev.k]), self._target(ev.k)
+        src, tgt = self._source(ev.k), self._target(ev.k)
         if self.config.prediction_type == "v_prediction":
             model_output = epsilon_from_v(model_output, sample, self._level(ev.at))
         if self._target_times is not None and self._target_times_for != ev.k:
             self._target_times = None  # a shift set for an earlier transition never leaks into this one
         a_src = self._level(src)
         if self._target_times is not None:
-            tt = self._target_times.to(torch.int64).cpu()
-            a_tgt, a_mid = self._level(tt), self._level(tt + (src - tt) // 2)
+            tt = self._target_times.to(torch.float64 if self._flow else torch.int64).cpu()
+            a_tgt, a_mid = self._level(tt), self._level(self._mid(src, tt))
         else:
-            a_tgt, a_mid = self._level(tgt), self._level(tgt + (src - tgt) // 2)
+            a_tgt, a_mid = self._level(tgt), self._level(self._mid(src, tgt))
         prev = self._dispatch(ev, model_output, sample, src, tgt, a_src, a_mid, a_tgt)
         self._counter += 1
         if not return_dict:
@@ -317,31 +399,31 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
             # PLMS (PNDM Eq. 12) and its lower-order variants, then the transfer φ (Eq. 11)
             e_prime = self._adams_bashforth(e, int(kind[2]))
             self._push(e)
-            return transfer(x, e_prime, a_src, a_tgt)
+            return self._move(x, e_prime, a_src, a_tgt)
         if kind == "pie":
             # pseudo improved Euler (PNDM Eq. 13, 2nd order): predictor, then the mean slope from the start point
             if stage == 0:
                 self._x_start = x
                 self._stages = [e]
                 self._push(e)
-                return transfer(x, e, a_src, a_tgt)
+                return self._move(x, e, a_src, a_tgt)
             e_prime = (self._stages[0].to(work_dtype(x)) + e.to(work_dtype(x))) / 2
-            return transfer(self._x_start, e_prime, a_src, a_tgt)
+            return self._move(self._x_start, e_prime, a_src, a_tgt)
         if kind == "prk":
             # pseudo Runge-Kutta (PNDM Eq. 13): every stage is transferred from the start point x_t
             if stage == 0:
                 self._x_start = x
                 self._stages = [e]
                 self._push(e)
-                return transfer(x, e, a_src, a_mid)
+                return self._move(x, e, a_src, a_mid)
             self._stages.append(e)
             if stage == 1:
-                return transfer(self._x_start, e, a_src, a_mid)
+                return self._move(self._x_start, e, a_src, a_mid)
             if stage == 2:
-                return transfer(self._x_start, e, a_src, a_tgt)
+                return self._move(self._x_start, e, a_src, a_tgt)
             dt = work_dtype(x)
             e1, e2, e3, e4 = (s.to(dt) for s in self._stages)
-            return transfer(self._x_start, (e1 + 2 * e2 + 2 * e3 + e4) / 6, a_src, a_tgt)
+            return self._move(self._x_start, (e1 + 2 * e2 + 2 * e3 + e4) / 6, a_src, a_tgt)
         return self._classical(ev, e, x, src, tgt, a_src)
 
     def _adams_bashforth(self, e: torch.Tensor, order: int) -> torch.Tensor:
@@ -395,7 +477,13 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """Forward process q(x_t | x_0) (DDPM Eq. 4) with per-sample `timesteps`, as `DDPMScheduler.add_noise`."""
+        """Forward process q(x_t | x_0) (DDPM Eq. 4) with per-sample `timesteps`, as `DDPMScheduler.add_noise`;
+        on a flow model the interpolation `(1 - σ) x0 + σ ε` with `σ = timesteps / T`."""
+        if self._flow:
+            shape = (-1,) + (1,) * (original_samples.ndim - 1)
+            sig = (timesteps.to(original_samples.device, torch.float32) / self.config.num_train_timesteps)
+            sig = sig.flatten().reshape(shape).to(original_samples.dtype)
+            return (1 - sig) * original_samples + sig * noise
         acp = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
         a = acp[timesteps.to(original_samples.device)].flatten()
         shape = (-1,) + (1,) * (original_samples.ndim - 1)

@@ -13,16 +13,16 @@ import torch
 SEED = 0
 
 
-def _tiny_vae(channels: int = 3):
+def _tiny_vae(channels: int = 3, **kw):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=16)
+                         latent_channels=4, norm_num_groups=8, sample_size=16, **kw)
 
 
-def _tiny_clip_text():
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_clip_text(with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenizer import build_tokenizer
 
@@ -30,8 +30,9 @@ def _tiny_clip_text():
     n = len(tok)
     cfg = CLIPTextConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=n - 2, eos_token_id=n - 1,
-                         pad_token_id=n - 1)
-    return CLIPTextModel(cfg).eval(), tok
+                         pad_token_id=n - 1, projection_dim=32)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval(), tok
 
 
 def _ddim(**kw):
@@ -76,15 +77,13 @@ def random_dit():
                        id2label={i: f"class{i}" for i in range(10)})
 
 
-def _tiny_t5():
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+def _tiny_t5(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
 
-    pieces = ["<pad>", "</s>", "<unk>"] + [f"▁{w}" for w in
-                                           ("a", "the", "digit", "handwritten", "number", "picture", "of", "cat")]
-    pieces += list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = [(p, 0.0 if i < 3 else -float(i)) for i, p in enumerate(pieces)]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    cfg = T5Config(vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    from .tokenizer import build_t5_tokenizer
+
+    tok = build_t5_tokenizer()
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(cfg).eval(), tok
 
@@ -121,6 +120,94 @@ def random_dit_xl_2():
                                  num_embeds_ada_norm=1000)
 
 
+def random_flux():
+    """A tiny FluxPipeline: 1 double-stream and 1 single-stream block, CLIP (pooled) and T5 text, 8x8x4 latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    text, tok = _tiny_clip_text()
+    t5, t5_tok = _tiny_t5()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                        vae=_tiny_vae(shift_factor=0.0, scaling_factor=1.0), text_encoder=text, tokenizer=tok,
+                        text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+
+
+def random_sd3():
+    """A tiny StableDiffusion3Pipeline: 2 joint (MMDiT) blocks, two CLIP text encoders with projection, a tiny T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    text, tok = _tiny_clip_text(with_projection=True)
+    text_2, tok_2 = _tiny_clip_text(with_projection=True)
+    t5, t5_tok = _tiny_t5(d_model=64)  # joint_attention_dim: the two CLIP hidden states (32 + 32) padded to T5's
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_tiny_vae(shift_factor=0.0, scaling_factor=1.0), text_encoder=text,
+                                    tokenizer=tok, text_encoder_2=text_2, tokenizer_2=tok_2, text_encoder_3=t5,
+                                    tokenizer_3=t5_tok)
+
+
+def random_sdxl():
+    """A tiny StableDiffusionXLPipeline: SDXL's UNet layout (text_time added conditioning) with two CLIP encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    text, tok = _tiny_clip_text()
+    text_2, tok_2 = _tiny_clip_text(with_projection=True)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+                                norm_num_groups=8)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet, scheduler=scheduler)
+
+
+#: FLUX.1-dev keeps its width (24 heads x 128, T5-XXL/CLIP-L inputs) but only this many blocks (real: 19 and 38), so
+#: that the fp32 weights (~5 GB) fit a 24 GB machine; benchmarks scale per-block times to the real depth.
+FLUX_DEV_BLOCKS = (2, 4)
+FLUX_DEV_REAL_BLOCKS = (19, 38)
+
+
+def random_flux_dev():
+    """The FLUX.1-dev transformer at full width with 2 double-stream and 4 single-stream blocks (~1.3B parameters)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=FLUX_DEV_BLOCKS[0],
+                                  num_single_layers=FLUX_DEV_BLOCKS[1], attention_head_dim=128,
+                                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                                  guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def random_sd3_medium():
+    """Stable Diffusion 3 Medium's transformer, full config (24 joint blocks, 24 heads x 64; ~2B parameters)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+
+
+def random_sdxl_unet():
+    """The SDXL base UNet, full config (2.6B parameters); 128x128 latents = 1024px."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                                norm_num_groups=32)
+
+
 BUILDERS = {
     "random-ddpm": random_ddpm,
     "random-sd": random_sd,
@@ -128,6 +215,12 @@ BUILDERS = {
     "random-pixart": random_pixart,
     "random-sd15-unet": random_sd15_unet,
     "random-dit-xl-2": random_dit_xl_2,
+    "random-flux": random_flux,
+    "random-sd3": random_sd3,
+    "random-sdxl": random_sdxl,
+    "random-flux-dev": random_flux_dev,
+    "random-sd3-medium": random_sd3_medium,
+    "random-sdxl-unet": random_sdxl_unet,
 }
 
 

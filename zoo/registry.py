@@ -47,6 +47,15 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("random-pixart", "PixArtAlphaPipeline", "random-weight tiny PixArt-alpha pipeline with a tiny T5", False),
     ZooEntry("random-sd15-unet", "UNet2DConditionModel", "full-size SD-1.5 UNet config, random weights", False),
     ZooEntry("random-dit-xl-2", "DiTTransformer2DModel", "full-size DiT-XL/2 (256px) config, random weights", False),
+    ZooEntry("random-flux", "FluxPipeline", "random-weight tiny Flux pipeline (CLIP + T5 text)", False),
+    ZooEntry("random-sd3", "StableDiffusion3Pipeline", "random-weight tiny SD3 pipeline (2 CLIP + T5 text)", False),
+    ZooEntry("random-sdxl", "StableDiffusionXLPipeline", "random-weight tiny SDXL pipeline (2 CLIP text)", False),
+    ZooEntry("random-flux-dev", "FluxTransformer2DModel",
+             "FLUX.1-dev transformer at full width, 2 of 19 double + 4 of 38 single blocks, random weights", False),
+    ZooEntry("random-sd3-medium", "SD3Transformer2DModel", "full-size SD3-Medium transformer config, random weights",
+             False),
+    ZooEntry("random-sdxl-unet", "UNet2DConditionModel", "full-size SDXL base UNet config (2.6B), random weights",
+             False),
 ]}
 
 
