@@ -187,7 +187,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """As diffusers' `from_config`; a flow-matching scheduler's config selects ``prediction_type="flow_prediction"``."""
+        """As diffusers' `from_config`; a flow-matching config selects ``prediction_type="flow_prediction"``."""
         cfg = dict(config or {})
         if is_flow_config(cfg) and "prediction_type" not in kwargs:
             kwargs["prediction_type"] = "flow_prediction"
@@ -342,7 +342,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
 
     def set_target_times(self, target_times: torch.Tensor | None) -> None:
         """Per-sample target times for the transition about to start (Time-Shift "target" mode, spec §2.5)."""
-        if self._method == "fon" and target_times is not None:
+        if self._method == "fon" and not self._flow and target_times is not None:
             raise ValueError("method='fon' uses a linear transfer; Time-Shift target shifting is not defined for it")
         self._target_times = target_times
         self._target_times_for = self._plan[self._counter].k if self._counter < len(self._plan) else None

@@ -20,6 +20,12 @@ How the target is moved:
   shift mostly acts on the model input of the next call.
 
 `window=0` (or `cutoff >= num_train_timesteps - 1`) is an exact no-op.
+
+Flow-matching bases (`FlowMatchEulerDiscreteScheduler`, `PseudoNumericalScheduler` in flow mode, DPM-Solver++ and
+UniPC with ``use_flow_sigmas``): the same rule restated on σ (samplers/README.md): the window holds the training
+levels `σ_τ = τ / T` within `h` training steps of the nominal target, each sample takes the one whose noise
+variance `σ_τ²` is closest to its own variance, and the step lands there along the flow's straight ray
+(`flow.select_shift_flow`). `cutoff` stays in training steps (`T σ`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from .flow import is_flow_scheduler, select_shift_flow
 from .pndm import PseudoNumericalScheduler
 from .transfer import transfer, transfer_coefficients
 
@@ -44,6 +51,7 @@ SUPPORTED_BASES = (
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
     "PseudoNumericalScheduler",
+    "FlowMatchEulerDiscreteScheduler",
 )
 _SIGMA_BASES = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
 
@@ -162,6 +170,12 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         name = type(base).__name__
         if name not in SUPPORTED_BASES:
             raise ValueError(f"TimeShiftScheduler cannot wrap {name}; supported: {', '.join(SUPPORTED_BASES)}")
+        if is_flow_scheduler(base):
+            if name not in ("FlowMatchEulerDiscreteScheduler", "PseudoNumericalScheduler", *_SIGMA_BASES[:2]):
+                raise ValueError(f"TimeShiftScheduler has no flow-matching rule for {name}")
+            if base.config.get("stochastic_sampling", False):
+                raise ValueError("TimeShiftScheduler needs a deterministic flow sampler (stochastic_sampling=False)")
+            return
         pred = base.config.get("prediction_type", "epsilon")
         if pred not in ("epsilon", "v_prediction"):
             raise ValueError(f"TimeShiftScheduler needs an epsilon or v_prediction base, got prediction_type={pred!r}")
@@ -210,8 +224,12 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
     def order(self) -> int:
         return self.base.order
 
-    def set_timesteps(self, *args, **kwargs) -> None:
-        self.base.set_timesteps(*args, **kwargs)
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list | None = None, sigmas: list | None = None, mu: float | None = None,
+                      **kwargs) -> None:
+        """The base's `set_timesteps`; `sigmas` and `mu` (flow pipelines pass them) go through when given."""
+        extra = {k: v for k, v in dict(timesteps=timesteps, sigmas=sigmas, mu=mu).items() if v is not None}
+        self.base.set_timesteps(num_inference_steps, device, **extra, **kwargs)
         self._k = 0
         self.last_shift = None
 
@@ -230,8 +248,16 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         big_t = self.base.config.num_train_timesteps
         return self.config.window > 0 and self.config.cutoff < big_t - 1
 
-    def _select(self, sample: torch.Tensor, model_output: torch.Tensor, center: int) -> torch.Tensor:
+    @property
+    def is_flow(self) -> bool:
+        return is_flow_scheduler(self.base)
+
+    def _select(self, sample: torch.Tensor, model_output: torch.Tensor, center: int | float) -> torch.Tensor:
+        """Shifted targets: training times (VP) or sigmas (flow; `center` is then a sigma)."""
         src = model_output if self.config.variance_source == "model_output" else sample
+        if self.is_flow:
+            return select_shift_flow(src, center, self.config.window, self.base.config.num_train_timesteps,
+                                     self.config.halfwidth_rule)
         return select_shift(src, center, self.config.window, self.base.alphas_cumprod, self.config.halfwidth_rule)
 
     def step(
@@ -263,7 +289,8 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             k, stage, _, tgt = base.next_evaluation()
             if stage == 0:
                 shift = None
-                if k >= 1 and tgt > self.config.cutoff:  # never the first transition; cutoff strict, nominal
+                tgt_time = tgt * base.config.num_train_timesteps if base.is_flow else tgt
+                if k >= 1 and tgt_time > self.config.cutoff:  # never the first transition; cutoff strict, nominal
                     shift = self._select(sample, model_output, tgt)
                 base.set_target_times(shift)
                 self.last_shift = shift
@@ -288,6 +315,8 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         return float(acp[timestep]), (float(acp[tgt]) if tgt >= 0 else final), tgt
 
     def _step_generic(self, model_output, timestep, sample, return_dict, kwargs):
+        if self.is_flow:
+            return self._step_flow(model_output, timestep, sample, return_dict, kwargs)
         t = int(timestep)
         shift = None
         if self._active() and self._k >= 1:
@@ -300,6 +329,28 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             moved = shift != tgt
             if bool(moved.any()) and a_i != a_j:
                 prev = self._along_ray(sample, prev, a_i, a_j, shift, moved)
+        self.last_shift = shift
+        self._k += 1
+        if not return_dict:
+            return (prev,)
+        out.prev_sample = prev
+        return out
+
+    def _step_flow(self, model_output, timestep, sample, return_dict, kwargs):
+        """Generic flow base: the base step lands on σ_j; move it along the straight ray through (x_i, x_j) to the
+        shifted σ_s: x_s = x_i + (σ_s - σ_i) / (σ_j - σ_i) (x_j - x_i) (the flow map with the step's own velocity)."""
+        base = self.base
+        s_i, s_j = float(base.sigmas[self._k]), float(base.sigmas[self._k + 1])
+        shift = None
+        if self._active() and self._k >= 1 and s_j * base.config.num_train_timesteps > self.config.cutoff:
+            shift = self._select(sample, model_output, s_j)
+        out = base.step(model_output, timestep, sample, return_dict=True, **kwargs)
+        prev = out.prev_sample
+        if shift is not None and s_i != s_j:
+            dt = torch.float64 if sample.dtype == torch.float64 else torch.float32
+            ratio = ((shift - s_i) / (s_j - s_i)).reshape(-1, *([1] * (sample.ndim - 1)))
+            x_i = sample.to(dt)
+            prev = (x_i + ratio.to(sample.device, dt) * (prev.to(dt) - x_i)).to(prev.dtype)
         self.last_shift = shift
         self._k += 1
         if not return_dict:
@@ -343,6 +394,10 @@ def sample_time_shift_paper(
     nominal time), otherwise cleared. The first transition always uses the nominal time. `callback` gets a dict
     with `k`, `x`, `t_in` after every transition.
     """
+    if scheduler.is_flow:
+        raise ValueError("sample_time_shift_paper is Algorithm 3 on a variance-preserving schedule (it feeds the "
+                         "model shifted integer times and alphas_cumprod levels); this scheduler is in flow-matching "
+                         "mode: wrap it in TimeShiftScheduler instead (target shift, restated on sigma)")
     if scheduler.method != "ddim":
         raise ValueError("sample_time_shift_paper implements Algorithm 3 for DDIM; build the scheduler with "
                          "method='ddim'")

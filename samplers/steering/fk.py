@@ -29,6 +29,7 @@ from ...core import count_nfe
 from ...core.families import DiTFamily, StableDiffusionFamily, family_for, step_kwargs
 from ...core.hooks import reorder_rows
 from ...core.schedulers import class_name, is_stochastic, keeps_history
+from ..flow import require_vp
 from .potentials import INTERMEDIATE_POTENTIALS, POTENTIALS, ParticleSystem, Potential, resampling_events
 from .resampling import RESAMPLERS, Resampler, flat_indices, normalize_log_weights
 from .rewards import Reward, as_reward, score
@@ -114,6 +115,7 @@ class SteeringOutput:
 # ------------------------------------------------------------------------------------------------- sampler guard
 def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
     """FK needs fresh noise after each resampling, else copies never diverge (spec §2.8); and no per-row history."""
+    require_vp(scheduler, "FK steering")
     if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
         return
     name = class_name(scheduler)
@@ -132,6 +134,7 @@ def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
 # ---------------------------------------------------------------------------------------------------- x̂0 recorder
 def predict_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
     """x̂0 from the model output for DDPM-type schedulers (spec §2.3): ε, v or sample prediction."""
+    require_vp(scheduler, "FK steering's x0 prediction")
     a = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":

@@ -26,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...core import count_nfe
 from ...core.families import DiTFamily, family_for, step_kwargs
 from ...core.schedulers import is_stochastic
+from ..flow import require_vp
 from .rewards import Reward, as_reward, score
 
 
@@ -178,6 +179,7 @@ def zero_order_search(pipe, prompt: str | int, reward: Reward | Callable, *, nei
 
 def _renoise(run: _Runner, x: torch.Tensor, i: int, back: int, eps: torch.Tensor) -> torch.Tensor:
     """Forward diffusion from the level of timesteps[i] to timesteps[i − back] (Ma et al. path search step (a))."""
+    require_vp(run.scheduler, "path search's re-noising")
     ac = run.scheduler.alphas_cumprod.to(x.device)
     ts = run.scheduler.timesteps
     a_from, a_to = ac[int(ts[i])], ac[int(ts[i - back])]
