@@ -38,8 +38,6 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("digits-ddpm", "DDPMPipeline", "pixel-space UNet2DModel, epsilon, 1000-step linear schedule", True),
     ZooEntry("digits-sd", "StableDiffusionPipeline", "text-to-image latent UNet2DConditionModel + CLIP text", True),
     ZooEntry("digits-dit", "DiTPipeline", "class-conditional DiTTransformer2DModel on digits-vae latents", True),
-    ZooEntry("digits-flux", "FluxPipeline", "rectified-flow FluxTransformer2DModel + CLIP (pooled) and T5 text",
-             True),
     ZooEntry("digits-sd-onestep", "RectifiedFlowPipeline", "one-step student distilled from digits-sd via 2-RF", True),
     ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
     ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
