@@ -4,7 +4,8 @@
   None means "depends on the configuration" (`eta` for DDIM, `algorithm_type` for DPM-Solver, ...).
 * keeps_history — `step` keeps per-row state between calls (multistep buffers, PRK stages): permuting or
   re-batching rows between steps (FK resampling) desynchronises it.
-* time_shift — `TimeShiftScheduler` can wrap it (single-evaluation VP schedulers and diffaccel's PNDM family).
+* time_shift — `TimeShiftScheduler` can wrap it (single-evaluation VP schedulers, FlowMatch-Euler and diffaccel's
+  PNDM family).
 
 A `TimeShiftScheduler` is looked through: its base is what steps.
 """
@@ -37,7 +38,7 @@ CAPABILITIES: dict[str, SchedulerCapabilities] = {
     "LMSDiscreteScheduler": _C(False, True, False),
     "KDPM2DiscreteScheduler": _C(False, True, False),
     "DPMSolverSinglestepScheduler": _C(False, True, False),
-    "FlowMatchEulerDiscreteScheduler": _C(None, False, False),
+    "FlowMatchEulerDiscreteScheduler": _C(None, False, True),
     "FlowMatchHeunDiscreteScheduler": _C(False, True, False),
     "EulerAncestralDiscreteScheduler": _C(True, False, False),
     "KDPM2AncestralDiscreteScheduler": _C(True, True, False),

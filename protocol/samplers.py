@@ -54,6 +54,8 @@ SAMPLERS: dict[str, tuple[Callable, Callable]] = {
     **{m: _pndm(m) for m in ("s-pndm", "f-pndm", "pie", "prk", "plms-ldm", "fon")},
 }
 GRIDS = ("trailing", "model")
+#: samplers that run on a flow-matching pipeline (diffaccel's PNDM family in flow mode; `ddim` is FlowMatch-Euler)
+FLOW_SAMPLERS = ("ddim", "s-pndm", "f-pndm", "pie", "prk", "plms-ldm", "fon")
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,27 @@ class Sampler(Method):
         return cls(name, at, grid)
 
     def build(self, config: dict) -> Any:
+        from ..samplers.flow import is_flow_config
+
+        if is_flow_config(dict(config)):  # the flow grid is the pipeline's own sigma schedule
+            if self.sampler not in FLOW_SAMPLERS:
+                raise CompositionError(self._flow_refusal())
+            return _pndm(self.sampler)[0](dict(config), {})
         spacing = {"timestep_spacing": "trailing"} if self.grid == "trailing" else {}
         return SAMPLERS[self.sampler][0](dict(config), spacing)
+
+    def _flow_refusal(self, pipe: Any = None) -> str:
+        what = f"{type(pipe).__name__} is" if pipe is not None else "the scheduler config is"
+        return (f"{self} is a variance-preserving sampler (it steps alphas_cumprod levels), but {what} flow-matching "
+                f"(x = (1 - sigma) x0 + sigma eps, velocity output); on flow models use one of "
+                f"{', '.join(FLOW_SAMPLERS)} (ddim there is FlowMatch-Euler)")
+
+    def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        from ..samplers.flow import is_flow_scheduler
+
+        flow = family.flow_matching or is_flow_scheduler(pipe.scheduler)
+        if flow and self.sampler not in FLOW_SAMPLERS:
+            raise CompositionError(self._flow_refusal(pipe))
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> None:
         original = pipe.scheduler

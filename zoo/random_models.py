@@ -82,7 +82,7 @@ def _tiny_t5(d_model: int = 32):
 
     from .tokenizer import build_t5_tokenizer
 
-    tok = build_t5_tokenizer()
+    tok = build_t5_tokenizer(model_max_length=16)
     cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5EncoderModel(cfg).eval(), tok

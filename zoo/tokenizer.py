@@ -80,10 +80,11 @@ def build_tokenizer(folder: str | Path):
     )
 
 
-def build_t5_tokenizer():
+def build_t5_tokenizer(model_max_length: int | None = None):
     """A word-level `T5Tokenizer` (SentencePiece unigram format) holding every caption word, numerals and letters.
 
     Each caption word is one piece; anything else falls back to single letters, then to `<unk>`.
+    `model_max_length`: the T5 sequence length the pipeline was trained with (the Flux/SD3 families read it).
     """
     from transformers import T5Tokenizer
 
@@ -92,4 +93,5 @@ def build_t5_tokenizer():
     pieces += [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     # Unigram scores: whole words before letters (a higher score wins the segmentation).
     vocab = [(p, 0.0 if i < 3 else (-1.0 if p.startswith("\u2581") else -10.0)) for i, p in enumerate(pieces)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    kw = {"model_max_length": model_max_length} if model_max_length is not None else {}
+    return T5Tokenizer(vocab=vocab, extra_ids=0, **kw)

@@ -332,7 +332,7 @@ def flux_text_encoders():
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        t5_tok = build_t5_tokenizer()
+        t5_tok = build_t5_tokenizer(arch.FLUX_MAX_SEQUENCE_LENGTH)
         t5 = T5EncoderModel(T5Config(**arch.t5_encoder_config(len(t5_tok)))).eval().requires_grad_(False)
     finally:
         torch.random.set_rng_state(state)

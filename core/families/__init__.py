@@ -4,7 +4,7 @@
 >>> fam.name, fam.denoiser, fam.default_guidance
 >>> pipe(**fam.call_kwargs("a handwritten digit seven", n=4, steps=10))
 
-New families (SDXL, SD3, Flux, ...) are one module each: subclass `PipelineFamily`, set its class attributes, and
+New families are one module each (as SDXL, SD3 and Flux are): subclass `PipelineFamily`, set its class attributes, and
 register it with `register_family`. Every method (samplers, caches, steering, parallel, distillation, the demo, the
 benchmarks) reaches pipelines only through this layer.
 """
@@ -18,9 +18,12 @@ import torch
 from .base import PipelineFamily, step_kwargs
 from .ddpm import DDPMFamily
 from .dit import DiTFamily
+from .flux import FluxFamily
 from .pixart import PixArtFamily
 from .rectified_flow import RectifiedFlowFamily
 from .sd import StableDiffusionFamily
+from .sd3 import StableDiffusion3Family
+from .sdxl import StableDiffusionXLFamily
 
 #: family name -> adapter class, in registration order
 FAMILIES: dict[str, type[PipelineFamily]] = {}
@@ -38,7 +41,8 @@ def register_family(cls: type[PipelineFamily]) -> type[PipelineFamily]:
     return cls
 
 
-for _cls in (StableDiffusionFamily, DiTFamily, DDPMFamily, PixArtFamily, RectifiedFlowFamily):
+for _cls in (StableDiffusionFamily, DiTFamily, DDPMFamily, PixArtFamily, RectifiedFlowFamily,
+             StableDiffusionXLFamily, StableDiffusion3Family, FluxFamily):
     register_family(_cls)
 
 
@@ -81,10 +85,13 @@ __all__ = [
     "FAMILIES",
     "DDPMFamily",
     "DiTFamily",
+    "FluxFamily",
     "PipelineFamily",
     "PixArtFamily",
     "RectifiedFlowFamily",
+    "StableDiffusion3Family",
     "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
     "family_class",
     "family_for",
     "find_denoiser",

@@ -34,6 +34,8 @@ class PipelineFamily:
     has_step_callback: ClassVar[bool] = False
     #: the pipeline passes `eta` / `generator` on to `scheduler.step`
     forwards_step_kwargs: ClassVar[bool] = False
+    #: trained by flow matching (x = (1 - σ) x0 + σ ε, velocity output): VP-only methods refuse it
+    flow_matching: ClassVar[bool] = False
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe

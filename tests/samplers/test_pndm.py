@@ -263,9 +263,9 @@ def test_bad_step_counts_raise_value_error_naming_the_limit(kwargs, n, match):
 def test_bad_config_raises_value_error():
     with pytest.raises(ValueError, match="unknown method 'heun'"):
         PseudoNumericalScheduler(method="heun")
-    with pytest.raises(ValueError, match="'epsilon' or 'v_prediction'"):
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction' or 'flow_prediction'"):
         PseudoNumericalScheduler(prediction_type="sample")
-    with pytest.raises(ValueError, match="'epsilon' or 'v_prediction'"):
+    with pytest.raises(ValueError, match="'epsilon', 'v_prediction' or 'flow_prediction'"):
         PseudoNumericalScheduler.from_config(DDPMScheduler(prediction_type="sample").config)
     with pytest.raises(ValueError, match="timestep_spacing"):
         PseudoNumericalScheduler(timestep_spacing="karras")

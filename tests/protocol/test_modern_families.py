@@ -1,0 +1,50 @@
+"""The Flux, SD3 and SDXL families through `diffaccel.accelerate`: samplers on flow-matching pipelines, refusals of
+VP-only samplers with the reason. Tiny random-weight pipelines, two steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffaccel import CompositionError, accelerate
+from diffaccel.core import count_nfe, make_generators
+from diffaccel.core.families import family_for
+from diffaccel.zoo import load
+
+
+@pytest.mark.parametrize("name, family, flow", [("random-flux", "flux", True), ("random-sd3", "sd3", True),
+                                                ("random-sdxl", "sdxl", False)])
+def test_modern_pipelines_have_a_family(name, family, flow):
+    fam = family_for(load(name))
+    assert fam.name == family and fam.flow_matching is flow
+    kw = fam.call_kwargs("a digit", 2, 4)
+    assert kw["prompt"] == ["a digit"] * 2 and kw["num_inference_steps"] == 4
+    if flow:  # the tiny T5 tokenizers declare 16 tokens, so the family asks for exactly that many
+        assert kw["max_sequence_length"] == 16
+
+
+@pytest.mark.parametrize("name", ["random-flux", "random-sd3"])
+def test_flow_pipelines_refuse_vp_samplers_with_the_reason(name):
+    pipe = load(name)
+    scheduler = pipe.scheduler
+    for recipe in ("dpm++2m@8", "ddpm@8", "plms-diffusers@8"):
+        with pytest.raises(CompositionError, match="variance-preserving.*flow-matching.*s-pndm"):
+            accelerate(pipe, recipe)
+        assert pipe.scheduler is scheduler
+
+
+def test_flux_runs_the_pndm_family_and_ddim_is_flow_match_euler():
+    pipe = load("random-flux")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(height=32, width=32, max_sequence_length=16, output_type="latent")
+
+    def sample(steps):
+        return pipe(["a handwritten digit seven"], num_inference_steps=steps, generator=make_generators(0, 1),
+                    **kw).images
+
+    with torch.no_grad():
+        ref = sample(4)
+        with accelerate(pipe, "ddim@4"):
+            assert torch.equal(sample(4), ref)
+        with accelerate(pipe, "s-pndm@6") as h, count_nfe(pipe) as nfe:
+            out = h(["a handwritten digit seven"], generator=make_generators(0, 1), **kw).images
+        assert nfe.calls == 6 and torch.isfinite(out).all()
