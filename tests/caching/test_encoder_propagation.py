@@ -512,3 +512,39 @@ def test_noise_injection_under_a_time_shift_wrapper():
     images = _images(cached_call(pipe, **_sd_kw(10)))
     assert torch.isfinite(images).all() and len(last_noise_injection(pipe).injected_steps) > 2
     remove_encoder_propagation(pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDXL: the UNet takes SDXL's added conditioning (pooled text + size/crop ids) through `added_cond_kwargs`
+
+
+def _sdxl():
+    pipe = zoo.load("random-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sdxl_kw(steps=6, n=2, seed=0):
+    return dict(prompt=PROMPTS[:n], num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+                height=32, width=32, generator=make_generators(seed, n))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_all_key_steps_is_bit_exact_on_sdxl(parallel):
+    pipe = _sdxl()
+    base = _images(pipe(**_sdxl_kw()))
+    _ep(pipe, key_steps="all", parallel=parallel)
+    assert torch.equal(_images(cached_call(pipe, **_sdxl_kw())), base)
+    assert encoder_propagation_counters(pipe).encoder_passes == 6
+
+
+def test_sdxl_parallel_decoding_equals_sequential_reuse():
+    """Non-key steps batched with tiled `added_cond_kwargs` give what one-by-one decoding gives."""
+    seq, par = _sdxl(), _sdxl()
+    _ep(seq, key_steps="uniform-3", parallel=False)
+    _ep(par, key_steps="uniform-3", parallel=True)
+    a, b = _images(cached_call(seq, **_sdxl_kw())), _images(cached_call(par, **_sdxl_kw()))
+    assert encoder_propagation_counters(par).parallel_batches > 0
+    assert torch.allclose(a, b, atol=parallel_atol(par.unet, 6), rtol=0)
+    plain = _images(_sdxl()(**_sdxl_kw()))
+    assert not torch.equal(a, plain)
