@@ -31,7 +31,9 @@ def test_zoo_list_json(capsys):
     names = {r["name"] for r in rows}
     assert {"digits-sd", "digits-dit", "digits-ddpm", "random-pixart"} <= names
     total_mb = sum(r["size_mb"] for r in rows)
-    assert 0 < total_mb <= 40, f"zoo is {total_mb:.1f} MB"
+    # 60 MB: the repository ships every trained entry; digits-flux (a Flux pipeline with its own CLIP, T5 and VAE
+    # copies, 5.8 MB in float16) took the zoo past the earlier 40 MB cap
+    assert 0 < total_mb <= 60, f"zoo is {total_mb:.1f} MB"
 
 
 def test_zoo_sample_reports_time_and_nfe(tmp_path, capsys):

@@ -15,8 +15,10 @@ from ..core.images import pipeline_output_to_uint8
 from ..core.seeding import make_generators
 from .data import caption
 
-#: guidance each generator is measured (and demonstrated) with; digits-flux uses true CFG (`true_cfg_scale`)
-DEFAULT_GUIDANCE = {"digits-sd": 7.5, "digits-dit": 4.0, "digits-flux": 4.0}
+#: guidance each generator is measured (and demonstrated) with; digits-flux: none, FluxPipeline's plain call (one
+#: denoiser evaluation per step); its card also records true classifier-free guidance (`true_cfg_scale`) at 4
+DEFAULT_GUIDANCE = {"digits-sd": 7.5, "digits-dit": 4.0, "digits-flux": None}
+FLUX_TRUE_CFG = 4.0
 #: steps of the quality floor: 25 DDIM steps, except digits-flux at FluxPipeline's own default (28)
 DEFAULT_STEPS = {"digits-flux": 28}
 

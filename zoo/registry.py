@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..core.device import resolve_device, resolve_dtype
+from .data import IMAGE_SIZE
 from .paths import weights_dir
 
 
@@ -38,6 +39,8 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("digits-ddpm", "DDPMPipeline", "pixel-space UNet2DModel, epsilon, 1000-step linear schedule", True),
     ZooEntry("digits-sd", "StableDiffusionPipeline", "text-to-image latent UNet2DConditionModel + CLIP text", True),
     ZooEntry("digits-dit", "DiTPipeline", "class-conditional DiTTransformer2DModel on digits-vae latents", True),
+    ZooEntry("digits-flux", "FluxPipeline", "rectified-flow FluxTransformer2DModel + CLIP (pooled) and T5 text",
+             True),
     ZooEntry("digits-sd-onestep", "RectifiedFlowPipeline", "one-step student distilled from digits-sd via 2-RF", True),
     ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
     ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
@@ -147,7 +150,10 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
     if name == "digits-flux":
         from diffusers import FluxPipeline
 
-        return FluxPipeline.from_pretrained(str(path), **kw).to(dev)
+        pipe = FluxPipeline.from_pretrained(str(path), **kw).to(dev)
+        # FluxPipeline's default size is 128 latent pixels (1024 px); the zoo model is trained at 32x32 px
+        pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
+        return pipe
     if name == "digits-sd-onestep":
         from ..distill.pipeline import RectifiedFlowPipeline
 

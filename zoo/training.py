@@ -553,7 +553,7 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
                            f"saved in {rescue}") from exc
     if quality_samples and name in ("digits-sd", "digits-dit", "digits-ddpm", "digits-flux"):
         # Quality floor of what was written (float16-stored weights, loaded back as float32), into the card.
-        from .quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, measure_quality
+        from .quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, FLUX_TRUE_CFG, measure_quality
         from .registry import load_from
 
         pipe = load_from(name, path, torch.device("cpu"), torch.float32)
@@ -563,6 +563,10 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
         card = json.loads(card_file.read_text())
         sampler = "shipped " + ("FlowMatchEulerDiscreteScheduler" if name == "digits-flux" else "DDIMScheduler (eta=0)")
         card["quality"] = {**quality, "sampler": sampler, "guidance": DEFAULT_GUIDANCE.get(name)}
+        if name == "digits-flux":  # also with true classifier-free guidance (the caption dropout trained it)
+            q = measure_quality(name, n=quality_samples, steps=steps, seed=0, pipe=pipe, guidance=FLUX_TRUE_CFG)
+            card["quality_true_cfg"] = {**q, "sampler": sampler,
+                                        "guidance": {"true_cfg_scale": FLUX_TRUE_CFG, "negative_prompt": ""}}
         card_file.write_text(json.dumps(card, indent=1))
     write_model_card(path)
     return path
@@ -594,5 +598,14 @@ def write_model_card(path: str | Path) -> Path:
     ]
     if "quality" in card:
         lines.append(f"- quality (digits-features classifier): `{json.dumps(card['quality'])}`")
+    if "quality_true_cfg" in card:
+        lines.append(f"- quality with true classifier-free guidance: `{json.dumps(card['quality_true_cfg'])}`")
+    if card["name"] == "digits-flux":
+        lines += ["", "Call it as `pipe(prompt, height=32, width=32, max_sequence_length=16)` (`diffaccel.zoo.load` "
+                  "sets the 32x32 default; the T5 length is in `tokenizer_2`'s config, which the Flux family reads). "
+                  "Text: digits-clip's text tower gives the pooled embedding; the T5 encoder is a seeded, randomly "
+                  "initialised and frozen tiny `T5EncoderModel` (no T5 pre-training offline). The VAE is digits-vae "
+                  "with `shift_factor` 0. Training: rectified flow (velocity `noise - x0`), logit-normal noise levels "
+                  "through FluxPipeline's dynamic time shift at 16 latent tokens, captions dropped 10% of the time."]
     (path / "README.md").write_text("\n".join(lines) + "\n")
     return path / "README.md"

@@ -27,7 +27,7 @@ def test_every_pipeline_entry_assembles_and_loads(tmp_path):
     from diffaccel.zoo.registry import load_from
 
     for name, cls in [("digits-sd", "StableDiffusionPipeline"), ("digits-dit", "DiTPipeline"),
-                      ("digits-ddpm", "DDPMPipeline")]:
+                      ("digits-ddpm", "DDPMPipeline"), ("digits-flux", "FluxPipeline")]:
         assert main(["zoo", "train", name, "--iterations", "2", "--out", str(tmp_path), "--quality-samples", "0"]) == 0
         pipe = load_from(name, tmp_path / name, torch.device("cpu"), torch.float32)
         assert type(pipe).__name__ == cls
