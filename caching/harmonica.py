@@ -44,6 +44,7 @@ from ..core.hooks import (
     register_hook,
     remove_hooks,
     take_rows,
+    tree_map,
 )
 from ..core.schedulers import class_name as sched_name
 
@@ -56,10 +57,20 @@ DEFAULT_THRESHOLD = 0.1  # τ of the released HarmoniCa / Learning-to-Cache DiT 
 PLANS_DIR = Path(__file__).resolve().parent / "plans"
 
 # Unit layout per transformer class (spec §3.1). PixArt's set is our choice: HarmoniCa's PixArt code is unreleased.
+# MMDiT (our choice, as FORA's and HarmoniCa's DiT units): SD3's joint blocks cache the joint attention (one call
+# giving the image and the text stream) and the two MLP branches; Flux adds its single-stream blocks ("single."),
+# whose units are the attention and the MLP input projection (the fused output projection always runs).
 DEFAULT_UNITS: dict[str, tuple[str, ...]] = {
     "DiTTransformer2DModel": ("attn1", "ff"),
     "PixArtTransformer2DModel": ("attn1", "attn2", "ff"),
+    "SD3Transformer2DModel": ("attn", "ff", "ff_context"),
+    "FluxTransformer2DModel": ("attn", "ff", "ff_context", "single.attn", "single.proj_mlp"),
 }
+SINGLE = "single."  # unit prefix: a module of `single_transformer_blocks`
+#: units a block may lack: the last joint block of SD3 / Flux has no context MLP (`context_pre_only`)
+OPTIONAL_UNITS = ("ff_context",)
+#: classes whose blocks do not all hold the same units (the plan's width is counted from the model instead)
+MIXED_BLOCKS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,20 +86,33 @@ def default_units(transformer: nn.Module) -> tuple[str, ...]:
 
 
 def unit_modules(transformer: nn.Module, units: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
-    """`[(qualified name, module)]` in unit order u = len(units) * b + j (block b, unit j)."""
+    """`[(qualified name, module)]` in unit order: block by block (`transformer_blocks`, then Flux's
+    `single_transformer_blocks`), each block's units in `units` order (u = len(units) * b + j for DiT/PixArt).
+    An optional unit a block lacks (SD3/Flux's last joint block has no `ff_context`) is left out."""
     units = tuple(units) if units is not None else default_units(transformer)
     out = []
-    for b, block in enumerate(transformer.transformer_blocks):
-        if getattr(block, "_chunk_size", None) is not None:
-            raise ValueError(f"transformer_blocks.{b} uses feed-forward chunking (chunk size {block._chunk_size}), "
-                             "which calls `ff` once per chunk; disable it before attaching a cache plan")
-        for name in units:
-            module = getattr(block, name, None)
-            if not isinstance(module, nn.Module):
-                raise ValueError(f"transformer_blocks.{b} has no unit {name!r}; its units are "
-                                 f"{[n for n in ('attn1', 'attn2', 'ff') if getattr(block, n, None) is not None]}")
-            out.append((f"transformer_blocks.{b}.{name}", module))
+    for attr, names in (("transformer_blocks", [u for u in units if not u.startswith(SINGLE)]),
+                        ("single_transformer_blocks", [u[len(SINGLE):] for u in units if u.startswith(SINGLE)])):
+        if not names:
+            continue
+        for b, block in enumerate(getattr(transformer, attr)):
+            if getattr(block, "_chunk_size", None) is not None:
+                raise ValueError(f"{attr}.{b} uses feed-forward chunking (chunk size {block._chunk_size}), "
+                                 "which calls `ff` once per chunk; disable it before attaching a cache plan")
+            for name in names:
+                module = getattr(block, name, None)
+                if module is None and name in OPTIONAL_UNITS:
+                    continue
+                if not isinstance(module, nn.Module):
+                    have = [n for n, m in block.named_children() if isinstance(m, nn.Module)]
+                    raise ValueError(f"{attr}.{b} has no unit {name!r}; its modules are {have}")
+                out.append((f"{attr}.{b}.{name}", module))
     return out
+
+
+def num_blocks(transformer: nn.Module) -> int:
+    """Transformer blocks holding cache units (Flux: double- plus single-stream blocks)."""
+    return len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", ()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,7 +149,7 @@ class CachePlan:
                              f"it reuses units {(~self.mask[0]).nonzero().flatten().tolist()}")
         if self.units is not None:
             self.units = tuple(self.units)
-        if self.num_blocks is not None and self.units is not None \
+        if self.num_blocks is not None and self.units is not None and self.model_class not in MIXED_BLOCKS \
                 and self.num_blocks * len(self.units) != self.mask.shape[1]:
             raise ValueError(f"plan has {self.mask.shape[1]} unit columns but its layout is {self.num_blocks} blocks "
                              f"x {len(self.units)} units {self.units} = {self.num_blocks * len(self.units)}")
@@ -226,12 +250,12 @@ def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
         return {}
     transformer = find_denoiser(model)
     units = default_units(transformer)
-    n = len(transformer.transformer_blocks) * len(units)
+    n = len(unit_modules(transformer))
     if n != num_units:
         raise ValueError(f"num_units={num_units} but {type(transformer).__name__} has {n} cache units "
-                         f"({len(transformer.transformer_blocks)} blocks x {units})")
+                         f"({num_blocks(transformer)} blocks, units {units})")
     scheduler = getattr(model, "scheduler", None)
-    return {"model_class": type(transformer).__name__, "num_blocks": len(transformer.transformer_blocks),
+    return {"model_class": type(transformer).__name__, "num_blocks": num_blocks(transformer),
             "units": units, "scheduler_class": None if scheduler is None else sched_name(scheduler)}
 
 
@@ -276,6 +300,9 @@ def resample_plan(plan: CachePlan, model: Any) -> CachePlan:
     units = default_units(transformer)
     if plan.units is not None and tuple(plan.units) != units:
         raise ValueError(f"plan units {plan.units} differ from {type(transformer).__name__}'s {units}")
+    if len(unit_modules(transformer)) != len(transformer.transformer_blocks) * len(units):
+        raise ValueError(f"resample_plan maps plans of uniform blocks (DiT, PixArt); {type(transformer).__name__} "
+                         "has blocks with different unit sets")
     blocks_from = plan.num_units // len(units)
     blocks_to = len(transformer.transformer_blocks)
     cols = []
@@ -322,8 +349,8 @@ class Router(nn.Module):
         transformer = find_denoiser(model)
         units = default_units(transformer)
         scheduler = getattr(model, "scheduler", None)
-        return cls(num_steps, len(transformer.transformer_blocks) * len(units),
-                   model_class=type(transformer).__name__, num_blocks=len(transformer.transformer_blocks),
+        return cls(num_steps, len(unit_modules(transformer)),
+                   model_class=type(transformer).__name__, num_blocks=num_blocks(transformer),
                    units=units, scheduler_class=None if scheduler is None else sched_name(scheduler), **kwargs)
 
     @property
@@ -533,6 +560,13 @@ class _StepHook(StatefulHook):
             st.active = False
 
 
+def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
+    """r f + (1 - r) c, stream by stream for units that return several tensors."""
+    if isinstance(out, torch.Tensor):
+        return r * out + (1 - r) * cached
+    return type(out)(_blend(r, o, c) if o is not None else None for o, c in zip(out, cached, strict=True))
+
+
 class _UnitHook(StatefulHook):
     """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
 
@@ -560,23 +594,23 @@ class _UnitHook(StatefulHook):
                 st.counters.reuses[u] += 1
                 return cached  # gated out of place by the block, so handing out the stored tensor is safe
             out = forward(*args, **kwargs)
-            st.cache[key] = out.detach()
+            st.cache[key] = tree_map(torch.Tensor.detach, out)  # MMDiT joint attention returns two streams
             st.counters.runs[u] += 1
             return out
         out = forward(*args, **kwargs)
         st.counters.runs[u] += 1
         if st.mode == "teacher_write":
-            st.cache[key] = out.detach()
+            st.cache[key] = tree_map(torch.Tensor.detach, out)
             return out
         gates = st.gates(step) if st.gates is not None else None
         if gates is None or cached is None:
             y, write = out, True
         else:
             r = gates[u]
-            y = r * out + (1 - r) * cached  # spec §3.4: y = r f + (1 - r) c
+            y = _blend(r, out, cached)  # spec §3.4: y = r f + (1 - r) c
             write = bool(r.detach() > st.threshold)
         if st.mode == "soft" and write:
-            st.cache[key] = y.detach()
+            st.cache[key] = tree_map(torch.Tensor.detach, y)
         return y
 
 
@@ -595,16 +629,17 @@ def check_plan(plan: CachePlan, model: Any) -> None:
     transformer = find_denoiser(model)
     cls = type(transformer).__name__
     units = default_units(transformer)
-    blocks = len(transformer.transformer_blocks)
+    blocks = num_blocks(transformer)
+    n_units = len(unit_modules(transformer))
     if plan.model_class is not None and plan.model_class != cls:
         raise ValueError(f"the cache plan was made for {plan.model_class} but the model is {cls}")
     if plan.units is not None and tuple(plan.units) != units:
         raise ValueError(f"the cache plan's units are {plan.units} but {cls} uses {units}")
     if plan.num_blocks is not None and plan.num_blocks != blocks:
         raise ValueError(f"the cache plan was made for {plan.num_blocks} transformer blocks but the model has {blocks}")
-    if plan.num_units != blocks * len(units):
-        raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {blocks * len(units)} "
-                         f"units ({blocks} blocks x {units})")
+    if plan.num_units != n_units:
+        raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {n_units} "
+                         f"units ({blocks} blocks, units {units})")
     scheduler = getattr(model, "scheduler", None)
     if scheduler is not None and plan.scheduler_class and sched_name(scheduler) != plan.scheduler_class:
         raise ValueError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made for "
