@@ -53,23 +53,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_plan_info)
 
-    q = csub.add_parser("calibrate", help="choose a UNet branch reuse plan for a target speed-up or PSNR floor",
-                        description="Calibrate a branch reuse plan (caching.calibrate) for a UNet text-to-image "
-                                    "pipeline: measure reuse errors on a few prompts and seeds, choose the plan by "
-                                    "dynamic programming, then sample it and report the measured whole-call FLOPs "
-                                    "ratio and paired PSNR / SSIM against the uncached images.")
-    q.add_argument("--model", default="digits-sd", help="zoo UNet text-to-image pipeline (default digits-sd)")
+    q = csub.add_parser("calibrate", help="choose a cache plan for a target speed-up or PSNR floor",
+                        description="Calibrate a cache plan (caching.calibrate): a branch reuse plan for a UNet "
+                                    "text-to-image pipeline, a cache plan for a DiT. Measures reuse errors on a few "
+                                    "prompts (labels) and seeds, chooses the plan by dynamic programming, then "
+                                    "samples it and reports the measured whole-call FLOPs ratio and paired PSNR / "
+                                    "SSIM against the uncached images.")
+    q.add_argument("--model", default="digits-sd", help="zoo pipeline: UNet text-to-image or DiT (default digits-sd)")
     q.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeatable; default: the "
                    "ten digit captions)")
+    q.add_argument("--label", action="append", type=int, default=None, help="class label for DiT pipelines "
+                   "(repeatable; default 0-9)")
     goal = q.add_mutually_exclusive_group(required=True)
     goal.add_argument("--speedup", type=float, help="target whole-call FLOPs ratio (e.g. 2.0)")
     goal.add_argument("--min-psnr", type=float, help="fidelity floor in dB: the fastest plan found above it")
     q.add_argument("--steps", type=int, default=50, help="DDIM steps the plan is for (default 50)")
-    q.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
+    q.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5 for UNets, 4.0 for DiTs)")
     q.add_argument("--images", type=int, default=8, help="calibration images (default 8)")
     q.add_argument("--seed", type=int, default=10_000, help="first calibration seed (keep apart from evaluation)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    q.add_argument("--out", type=Path, required=True, help="plan file to write (.branch.safetensors)")
+    q.add_argument("--out", type=Path, required=True, help="plan file to write (.safetensors)")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     q.set_defaults(func=cmd_calibrate)
@@ -156,12 +159,10 @@ def cmd_plan_info(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import inspect
-
     import torch
 
     from ..zoo import ENTRIES, caption, load
-    from .calibrate import UNetCalibrator
+    from .calibrate import calibrator_for
 
     if args.model not in ENTRIES:
         return _fail(f"unknown zoo model {args.model!r}")
@@ -172,20 +173,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
-    if getattr(pipe, "unet", None) is None or "prompt" not in inspect.signature(pipe.__call__).parameters:
-        return _fail(f"{args.model} is not a UNet text-to-image pipeline; calibrate supports those (e.g. digits-sd)")
     from diffusers import DDIMScheduler
 
+    if getattr(pipe, "scheduler", None) is None:
+        return _fail(f"{args.model} is not a sampling pipeline")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    prompts = args.prompt or [caption(d) for d in range(10)]
+    is_dit = getattr(pipe, "transformer", None) is not None
+    if is_dit:
+        if args.prompt:
+            return _fail(f"{args.model} is class-conditional: give --label, not --prompt")
+        conditions = args.label or list(range(10))
+    else:
+        conditions = args.prompt or [caption(d) for d in range(10)]
+    guidance = args.guidance if args.guidance is not None else (4.0 if is_dit else 7.5)
     try:
-        cal = UNetCalibrator(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        cal = calibrator_for(pipe, conditions, num_inference_steps=args.steps, guidance_scale=guidance,
                              num_images=args.images, seed=args.seed, progress=not args.quiet)
         plan, rep = cal.check(args.speedup) if args.speedup is not None else cal.for_psnr(args.min_psnr)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         return _fail(str(exc))
     plan.metadata.update(model=args.model, goal=f"speedup {args.speedup}" if args.speedup is not None
-                         else f"min-psnr {args.min_psnr}", prompts=" | ".join(prompts))
+                         else f"min-psnr {args.min_psnr}", conditions=" | ".join(map(str, conditions)))
     path = plan.save(args.out)
     report = {**rep.as_dict(), "plan": str(path), "model": args.model}
     if args.json:
