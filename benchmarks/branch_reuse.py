@@ -14,7 +14,7 @@ seeds. Rows:
   prompts and seeds disjoint from the evaluation's, at the FLOPs ratios DeepCache reaches (and `--targets`).
 
     python benchmarks/branch_reuse.py --num-images 50 --out benchmarks/results/branch_reuse.json \
-        --md benchmarks/results/branch_reuse.md --save-plans caching/plans
+        --md benchmarks/results/branch_reuse.md --save-plans caching/plans/branch_reuse
 
 Progress on stderr; JSON on stdout (and --out).
 """
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         cal_s = measure_s + time.perf_counter() - t0
         name = f"branch-reuse-{target:.2f}x"
         if args.save_plans is not None:
-            plan.save(args.save_plans / f"digits-sd-{args.steps}-branch-reuse-{target:.2f}x.branch.safetensors")
+            plan.metadata.update(model="digits-sd", command=summary_command(argv))
+            plan.save(args.save_plans / f"digits-sd-{args.steps}-branch-reuse-{target:.2f}x.safetensors")
         apply_branch_reuse(pipe, plan)
         try:
             run(name, {"method": "diffaccel branch reuse, calibrated", "calibration": rep.as_dict(),
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": "digits-sd", "steps": args.steps, "guidance_scale": args.guidance,
                "num_images": args.num_images, "seed": args.seed, "calibration_images": args.calibration_images,
                "calibration_seed": args.calibration_seed, "threads": args.threads, "machine": machine(),
-               "command": "python benchmarks/branch_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": summary_command(argv),
                "rows": rows, "notes": notes}
     text = json.dumps(summary, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o)
                       else str(o))
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown(summary))
     return 0
+
+
+def summary_command(argv: list[str] | None) -> str:
+    return "python benchmarks/branch_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def machine() -> str:
