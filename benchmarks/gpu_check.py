@@ -3,6 +3,10 @@
     python benchmarks/gpu_check.py --out gpu_results            # on a CUDA machine (or: make gpu-check)
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc      # every section at tiny sizes, any machine
 
+It runs from the repository root with or without `pip install -e .` (it imports the checkout it sits in); the
+machine needs a CUDA build of torch plus the project's runtime dependencies (diffusers, transformers, safetensors,
+scikit-learn, torchmetrics, scipy); xformers and deepcache (`pip install --no-deps deepcache`) are optional rows.
+
 It writes `gpu_check.json` and `gpu_check.md` into `--out` after EVERY section (atomically), so a run that is
 killed part-way still leaves what it measured. Each section runs in its own try/except under its own time limit
 (SIGALRM) and only if the overall budget still allows it; a skipped, timed-out or failed section is recorded with
