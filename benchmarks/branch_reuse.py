@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         base = rows[0] if rows else None
         if base is not None and base["flops_per_image"] and res.flops_per_image:
             row["flops_ratio"] = base["flops_per_image"] / res.flops_per_image
-            row["wall_speedup"] = base["seconds_per_image"] / res.seconds_per_image
+            row["wall_speedup"] = base["seconds_per_image"] / res.seconds_per_image  # idle machine only
         rows.append(row)
         p = row["paired"] or {}
         log(f"{name}: FLOPs ratio {row.get('flops_ratio', 1.0):.3f}, PSNR {p.get('psnr')}, SSIM {p.get('ssim')}, "
@@ -178,8 +178,8 @@ def markdown(summary: dict) -> str:
              f"{summary['steps']} DDIM steps, CFG {summary['guidance_scale']}, {summary['num_images']} images "
              f"(seeds {summary['seed']}..), paired metrics against the plain images of the same seeds; branch reuse "
              f"calibrated on {summary['calibration_images']} other images (seeds {summary['calibration_seed']}..).",
-             "", "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc | wall speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         p = r.get("paired") or {}
 
@@ -187,7 +187,7 @@ def markdown(summary: dict) -> str:
             return "-" if v is None else format(v, spec)
         lines.append(f"| {r['name']} | {f(r.get('flops_ratio', 1.0), '.3f')} | {f(p.get('psnr'), '.2f')} | "
                      f"{f(p.get('ssim'), '.4f')} | {f(p.get('feature_dist'), '.4f')} | {f(r['fid'], '.3f')} | "
-                     f"{f(r['class_accuracy'], '.3f')} | {f(r.get('wall_speedup'), '.2f')} |")
+                     f"{f(r['class_accuracy'], '.3f')} |")
     lines += [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 
