@@ -9,7 +9,8 @@ class                 exit  raised for
 ====================  ====  ===========================================================================
 
 `InputError` is also a `ValueError` and `WeightsError` a `RuntimeError`, so callers that catch the builtin types
-keep working. `run_command` is the one place that turns these into a one-line message and an exit code.
+keep working. `run_command` is the one place that turns these into a one-line message and an exit code; a plain
+`ValueError` is still read as bad input (exit 2) for code that does not raise `InputError` yet.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def run_command(fn: Callable[[], int | None], *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except ValueError as exc:  # bad input from code not yet raising InputError (library code should): exit 2
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return InputError.exit_code
     except Exception as exc:  # a defect: say so in one line, the traceback is one flag away
         if debug:
             traceback.print_exc()

@@ -42,7 +42,8 @@ def _raise(exc):
 
 
 @pytest.mark.parametrize("exc,code", [(InputError("bad --steps"), 2), (WeightsError("broken"), 3),
-                                      (DiffaccelError("rank 1 died"), 1), (RuntimeError("bug"), 1)])
+                                      (DiffaccelError("rank 1 died"), 1), (RuntimeError("bug"), 1),
+                                      (ValueError("bad value from a library"), 2)])
 def test_run_command_prints_one_line_and_the_exit_code(exc, code, capsys):
     assert run_command(_raise(exc)) == code
     err = capsys.readouterr().err
