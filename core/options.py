@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (`prog: error: argument --steps: ... (see --help)`), exit code 2.
+    """argparse whose usage errors are one line like every other error (`error: argument --steps: ... (see
+    diffaccel zoo sample --help)`), exit code 2.
 
     Sub-command parsers made with `add_subparsers` inherit the class.
     """
 
     def error(self, message: str):  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 

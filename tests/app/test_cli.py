@@ -1,7 +1,7 @@
 """`diffaccel app`: help, and bad arguments exit with code 2 before anything is served."""
 
 import pytest
-from clirun import run_cli
+from clirun import last_line, run_cli
 from diffaccel.cli import main
 
 
@@ -20,4 +20,4 @@ def test_help(capsys):
 ])
 def test_bad_arguments_exit_2(argv, needle):
     code, _, err = run_cli(*argv)
-    assert code == 2 and needle in err and err.count("\n") == 1
+    assert code == 2 and needle in last_line(err) and err.count("error:") == 1
