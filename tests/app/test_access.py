@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffaccel.app import RunRequest, build_app, launch
+from diffaccel.app import RunRequest, build_app
 from diffaccel.app.access import LocalAccess, check_no_custom_code, is_loopback
 from diffaccel.app.runner import FAMILIES, DemoRunner, RunInputError, load_pipeline
 from diffaccel.app.ui import INPUT_FIELDS
 from diffaccel.core import InputError
+from served import serve
 
 SMALL = dict(model="digits-dit", prompt="3", seed=0, num_images=1, baseline_steps=2, guidance_scale=4.0,
              sampler="DDIM", steps=2, time_shift=False, cache="none", ep_schedule="sd50-scaled", ep_parallel=True,
@@ -126,25 +127,15 @@ def test_custom_code_components_are_refused(models_dir, tmp_path):
 @pytest.fixture(scope="module")
 def exposed(models_dir, tmp_path_factory):
     models, secret = models_dir
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("exposed")
     host = non_loopback_address()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+
+    def build():
         runner = DemoRunner(max_models=2, access=LocalAccess.for_host(host, models))
-        demo = build_app(RunRequest(model="digits-dit"), runner=runner, workdir=tmp / "runs", max_queue=4)
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        launch(demo, host=host, port=port, prevent_thread_lock=True)
-        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/"
-        try:
-            yield demo, url, tmp, secret, host
-        finally:
-            demo.close()
-            torch.set_num_threads(threads)
+        return build_app(RunRequest(model="digits-dit"), runner=runner, workdir=tmp / "runs", max_queue=4)
+
+    with serve(build, tmp, host) as (demo, url):
+        yield demo, url, tmp, secret, host
 
 
 @pytest.fixture(scope="module")

@@ -134,3 +134,12 @@ def test_rehash_command_rewrites_the_card(zoo_copy):
     assert code == 0, err
     assert json.loads(out)["digits-features"] == digest_folder(zoo_copy / "digits-features")
     assert card_digests(zoo_copy / "digits-features")
+
+
+def test_the_demo_refuses_damaged_zoo_weights_too(zoo_copy):
+    """Was: black images in the app as well."""
+    from diffaccel.app.runner import RunInputError, load_pipeline
+
+    _flip_middle(zoo_copy / "digits-dit" / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(RunInputError, match="corrupt"):
+        load_pipeline("digits-dit")
