@@ -70,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", default="digits-sd", help="zoo pipeline: UNet text-to-image or DiT (default digits-sd)")
     q.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeatable; default: the "
                    "ten digit captions)")
-    q.add_argument("--label", action="append", type=int, default=None, help="class label for DiT pipelines "
+    q.add_argument("--label", action="append", type=int_in(0), default=None, help="class label for DiT pipelines "
                    "(repeatable; default 0-9)")
     goal = q.add_mutually_exclusive_group(required=True)
     goal.add_argument("--speedup", type=float_in(1.0, 1000.0), help="target whole-call FLOPs ratio (e.g. 2.0)")
