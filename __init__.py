@@ -14,6 +14,7 @@ _SUBPACKAGES = ("core", "zoo", "samplers", "caching", "parallel", "distill", "ev
 _EXPORTS = {
     # core
     "count_nfe": "core", "make_generators": "core", "measure": "core", "to_uint8": "core",
+    "DiffaccelError": "core", "InputError": "core", "WeightsError": "core",
     # zoo
     "load": "zoo",
     # the protocol: one way to apply, compose and remove every method

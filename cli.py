@@ -13,13 +13,15 @@ from pathlib import Path
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .core.options import int_in, seed_option
+
     p = sub.add_parser("demo", help="run the main job on the bundled default model",
                        description="Generate the same digits with digits-sd under two schedulers and with its "
                                    "distilled one-step student (same prompts and seeds); print seconds per image, NFE "
                                    "and class accuracy for each.")
     p.add_argument("--model", default="digits-sd", help="zoo pipeline to run (default digits-sd)")
-    p.add_argument("-n", "--num-images", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", "--num-images", type=int_in(1, 1000), default=10)
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -79,9 +81,12 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.options import ArgumentParser
     from .zoo.cli import add_parser as add_zoo
 
-    parser = argparse.ArgumentParser(prog="diffaccel", description="Accelerate diffusers pipelines, measured.")
+    parser = ArgumentParser(prog="diffaccel", description="Accelerate diffusers pipelines, measured. Exit codes: "
+                            "0 ok, 1 unexpected error, 2 bad input, 3 missing or damaged weights.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_zoo(sub)
     _add_demo(sub)
@@ -100,18 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .zoo.registry import ZooError
+    """Run one command; every error becomes `error: <one line>` on stderr and its exit code (core/errors.py)."""
+    from .core.errors import run_command
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except (ValueError, KeyError) as exc:
-        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

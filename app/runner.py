@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
+import sys
 import threading
+import traceback
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -38,6 +41,9 @@ from ..core import (
     pipeline_output_to_uint8,
     tensor_to_pil,
 )
+from ..core.errors import InputError, WeightsError
+from ..core.weights import check_finite_parameters, check_pipeline_folder
+from .access import LocalAccess, check_no_custom_code
 
 SAMPLERS: tuple[str, ...] = ("DDIM", "DPM-Solver++", "UniPC", "S-PNDM", "F-PNDM")
 CACHES: tuple[str, ...] = ("none", "encoder propagation", "HarmoniCa plan", "FORA")
@@ -60,11 +66,15 @@ LIMITS = {  # field: (low, high), inclusive
     "fora_interval": (2, 10),
     "warmup": (0, 3),
 }
+#: longest text accepted per field (the page's text boxes and the API alike)
+TEXT_LIMITS = {"model": 1024, "prompt": 500, "cache_plan": 1024, "sampler": 64, "cache": 64, "ep_schedule": 64,
+               "steering": 64, "potential": 64}
+FLAG_FIELDS = ("time_shift", "ep_parallel", "one_step")
 
 Progress = Callable[[float, str], None]
 
 
-class RunInputError(ValueError):
+class RunInputError(InputError):
     """A request the demo cannot run; the message is meant for the user as it stands."""
 
 
@@ -242,14 +252,21 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
 
 
-def load_pipeline(name: str) -> LoadedPipeline:
-    """A zoo pipeline, a local diffusers pipeline folder, or a hub id already in the local cache (never downloads)."""
+def load_pipeline(name: str, access: LocalAccess | None = None) -> LoadedPipeline:
+    """A zoo pipeline, a local diffusers pipeline folder, or a hub id already in the local cache (never downloads).
+
+    `access` decides which local folders may be opened (default: any, as on a loopback server); a restricted
+    server takes folders under its models folder only and no hub ids. Weights load from safetensors only and
+    no code shipped with a model runs.
+    """
     from ..zoo.registry import ENTRIES, ZooError
     from ..zoo.registry import load as zoo_load
 
+    access = access or LocalAccess()
     name = name.strip()
     if not name:
         raise RunInputError("model is empty: choose a zoo pipeline, or give a local diffusers pipeline folder")
+    safe = dict(local_files_only=True, use_safetensors=True, trust_remote_code=False)
     if name in ENTRIES:
         kind = ENTRIES[name].kind
         if not kind.endswith("Pipeline"):
@@ -259,37 +276,51 @@ def load_pipeline(name: str) -> LoadedPipeline:
             pipe = zoo_load(name)
         except ZooError as exc:
             raise RunInputError(f"zoo model {name!r} cannot be loaded: {exc}") from exc
-    else:
+    elif access.restricted or Path(name).expanduser().exists():
         from diffusers import DiffusionPipeline
 
-        path = Path(name).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise RunInputError(f"{name!r} is a file, not a diffusers pipeline folder (a folder with "
-                                    "model_index.json, as written by pipe.save_pretrained)")
-            if not (path / "model_index.json").is_file():
-                raise RunInputError(f"{name!r} is not a diffusers pipeline folder: it has no model_index.json (a "
-                                    "pipeline folder is what pipe.save_pretrained(folder) writes; a single model's "
-                                    "folder is not enough)")
-            try:
-                pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-            except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message naming the folder
-                raise RunInputError(f"could not load a diffusers pipeline from {name!r}: "
-                                    f"{type(exc).__name__}: {exc}") from exc
-        elif _looks_like_hub_id(name):
-            try:
-                pipe = DiffusionPipeline.from_pretrained(name, local_files_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise RunInputError(f"{name!r} looks like a Hugging Face Hub id, but it is not in the local cache and "
-                                    "this demo runs offline (it never downloads). Download the pipeline on a "
-                                    "connected machine and pass its local folder instead.") from exc
-        else:
-            raise RunInputError(f"unknown model {name!r}: not a zoo pipeline ({', '.join(zoo_pipelines())}), not an "
-                                "existing folder, and not a hub id of the form org/name")
+        try:
+            path = access.folder(name)
+        except InputError as exc:
+            raise RunInputError(str(exc)) from exc
+        shown = access.shown(path)
+        if not path.is_dir():
+            raise RunInputError(f"{shown!r} is a file, not a diffusers pipeline folder (a folder with "
+                                "model_index.json, as written by pipe.save_pretrained)")
+        fix = "re-save the pipeline with pipe.save_pretrained(folder)"
+        try:
+            check_no_custom_code(path, FAMILIES, shown)
+            check_pipeline_folder(path, fix=fix)  # names a missing or broken component before loading
+        except (InputError, WeightsError) as exc:
+            raise RunInputError(str(exc).replace(str(path), shown)) from exc
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path), **safe)
+        except Exception as exc:  # noqa: BLE001 - any loader failure becomes a message naming the folder
+            detail = "" if access.restricted else f": {type(exc).__name__}: {exc}"
+            if access.restricted:
+                traceback.print_exc(file=sys.stderr)  # the details stay in the server's log
+            raise RunInputError(f"could not load a diffusers pipeline (safetensors weights) from {shown!r}"
+                                f"{detail}") from exc
+    elif _looks_like_hub_id(name):
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name, **safe)
+        except Exception as exc:  # noqa: BLE001
+            raise RunInputError(f"{name!r} looks like a Hugging Face Hub id, but it is not in the local cache and "
+                                "this demo runs offline (it never downloads). Download the pipeline on a "
+                                "connected machine and pass its local folder instead.") from exc
+    else:
+        raise RunInputError(f"unknown model {name!r}: not a zoo pipeline ({', '.join(zoo_pipelines())}), not an "
+                            "existing folder, and not a hub id of the form org/name")
     cls = type(pipe).__name__
     family = FAMILIES.get(cls)
     if family is None:
         raise RunInputError(f"{name!r} is a {cls}; the demo supports {', '.join(FAMILIES)}")
+    try:
+        check_finite_parameters(pipe, fix="its weights are damaged; re-save or re-download the pipeline", what=name)
+    except WeightsError as exc:
+        raise RunInputError(str(exc)) from exc
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(name, pipe, family, pipe.scheduler)
@@ -300,7 +331,7 @@ class ModelCache:
 
     def __init__(self, max_models: int = 3, loader: Callable[[str], LoadedPipeline] = load_pipeline) -> None:
         if max_models < 1:
-            raise ValueError(f"max_models must be >= 1, got {max_models}")
+            raise InputError(f"max_models must be >= 1, got {max_models}")
         self.max_models = max_models
         self.loader = loader
         self._items: OrderedDict[str, LoadedPipeline] = OrderedDict()
@@ -355,6 +386,19 @@ def validate_request(request: RunRequest, family: str | None = None) -> None:
 
     r = request
     problems: list[str] = []
+    for name, longest in TEXT_LIMITS.items():
+        v = getattr(r, name)
+        if v is None and name == "cache_plan":
+            continue
+        if not isinstance(v, str):
+            problems.append(f"{name} = {v!r} must be text")
+        elif len(v) > longest:
+            problems.append(f"{name} is {len(v)} characters long; allowed: at most {longest}")
+    for name in FLAG_FIELDS:
+        if not isinstance(getattr(r, name), bool):
+            problems.append(f"{name} = {getattr(r, name)!r} must be true or false")
+    if problems:  # the checks below assume text and flags
+        raise RunInputError("; ".join(problems))
     for name in ("seed", "num_images", "baseline_steps", "steps", "particles", "fora_interval", "warmup"):
         _check_int(name, getattr(r, name), problems)
     if r.guidance_scale is not None:
@@ -464,7 +508,8 @@ def sampler_label(request: RunRequest) -> str:
 
 
 @contextlib.contextmanager
-def accelerated(loaded: LoadedPipeline, request: RunRequest) -> Iterator[list[str]]:
+def accelerated(loaded: LoadedPipeline, request: RunRequest, access: LocalAccess | None = None
+                ) -> Iterator[list[str]]:
     """Swap in the accelerated sampler and attach the cache for the duration of the block; always undo both.
 
     Yields a list of notes (what was attached) that the caller may extend."""
@@ -490,7 +535,7 @@ def accelerated(loaded: LoadedPipeline, request: RunRequest) -> Iterator[list[st
             api = harmonica_api()
             if api is None:
                 raise RunInputError(f"cache {request.cache!r} is not available in this build")
-            plan = _harmonica_plan(api, pipe, request)
+            plan = _harmonica_plan(api, pipe, request, access)
             try:
                 api.apply_cache_plan(pipe, plan)
             except (TypeError, ValueError) as exc:
@@ -506,7 +551,7 @@ def accelerated(loaded: LoadedPipeline, request: RunRequest) -> Iterator[list[st
         pipe.scheduler = loaded.scheduler
 
 
-def _harmonica_plan(api: Any, pipe: Any, request: RunRequest) -> Any:
+def _harmonica_plan(api: Any, pipe: Any, request: RunRequest, access: LocalAccess | None = None) -> Any:
     from ..core import find_denoiser
 
     if request.cache == "FORA":
@@ -526,7 +571,19 @@ def _harmonica_plan(api: Any, pipe: Any, request: RunRequest) -> Any:
             raise RunInputError(f"FORA plan: {exc}") from exc
     key = (request.cache_plan or "").strip()
     plans = api.shipped_plans()
-    path = Path(plans[key]) if key in plans else Path(key).expanduser()
+    if key in plans:
+        path = Path(plans[key])
+    elif access is not None and access.restricted:  # a plan file, like a model folder, only under --models-dir
+        try:
+            folder = access.folder(str(Path(key).parent))
+        except InputError:
+            folder = None
+        path = folder / Path(key).name if folder is not None else None
+        if path is None or not path.is_file() or path.resolve().parent != folder:
+            raise RunInputError(f"HarmoniCa plan {key!r} is neither a shipped plan "
+                                f"({', '.join(sorted(plans)) or 'none'}) nor a plan file in the models folder")
+    else:
+        path = Path(key).expanduser()
     if not path.exists():
         raise RunInputError(f"HarmoniCa plan {key!r} is neither a shipped plan ({', '.join(sorted(plans)) or 'none'}) "
                             "nor an existing file")
@@ -554,8 +611,10 @@ def _cfg_rows(family: str, guidance: float | None) -> int:
 class DemoRunner:
     """Runs comparisons; owns the model cache and the quality models. One run at a time (a lock guards it)."""
 
-    def __init__(self, max_models: int = 3, clip_model: str = "digits-clip") -> None:
-        self.models = ModelCache(max_models)
+    def __init__(self, max_models: int = 3, clip_model: str = "digits-clip", access: LocalAccess | None = None
+                 ) -> None:
+        self.access = access or LocalAccess()
+        self.models = ModelCache(max_models, loader=functools.partial(load_pipeline, access=self.access))
         self.clip_model = clip_model
         self._classifier = None
         self._lock = threading.Lock()
@@ -653,7 +712,7 @@ class DemoRunner:
             side.notes.append("the one-step student runs without classifier-free guidance (distilled)")
             return side
         config = sampler_label(request)
-        with accelerated(loaded, request) as notes:
+        with accelerated(loaded, request, self.access) as notes:
             if request.steering == "none":
                 side = self._plain_side(loaded, "accelerated", config, prompt, label, n, seed, request.steps,
                                         guidance, request.warmup)

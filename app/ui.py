@@ -26,6 +26,7 @@ from .runner import (
     ONE_STEP_TEACHER,
     SAMPLERS,
     STEERING,
+    TEXT_LIMITS,
     DemoRunner,
     RunInputError,
     RunRequest,
@@ -74,8 +75,9 @@ class DemoApp:
     """The demo: a runner (pipelines in an LRU cache) plus a folder for downloads, and the Blocks built on them."""
 
     def __init__(self, runner: DemoRunner | None = None, defaults: RunRequest | None = None,
-                 workdir: str | Path | None = None, keep_archives: int = 20) -> None:
+                 workdir: str | Path | None = None, keep_archives: int = 20, max_queue: int = 16) -> None:
         self.runner = runner or DemoRunner()
+        self.max_queue = max_queue
         self.defaults = defaults or RunRequest()
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="diffaccel-app-")
@@ -140,6 +142,9 @@ class DemoApp:
         plans = shipped_plan_names()
         student = one_step_available()
         models = zoo_pipelines()
+        access = self.runner.access
+        model_info = ("zoo pipeline, local diffusers pipeline folder, or a hub id already in the local cache "
+                      "(offline)") if access.anywhere else f"zoo pipeline, or {access.describe()}"
         if d.model not in models:
             models = [d.model, *models]
         guidance = d.guidance_scale if d.guidance_scale is not None else _guidance_for(d.model) or 7.5
@@ -153,17 +158,16 @@ class DemoApp:
                 with gr.Column(scale=1, min_width=320):
                     with gr.Group():
                         model = gr.Dropdown(models, value=d.model, allow_custom_value=True, label="model",
-                                            info="zoo pipeline, local diffusers pipeline folder, or a hub id "
-                                                 "already in the local cache (offline)", elem_id="model")
+                                            info=model_info, elem_id="model")
                         prompt = gr.Textbox(d.prompt, label="prompt (DiT: the digit named is the class label)",
-                                            elem_id="prompt")
+                                            max_length=TEXT_LIMITS["prompt"], elem_id="prompt")
                         with gr.Row():
                             seed = gr.Number(d.seed, label="seed", precision=0, minimum=LIMITS["seed"][0],
                                              maximum=LIMITS["seed"][1], elem_id="seed")
                             num_images = gr.Slider(*LIMITS["num_images"], value=d.num_images, step=1,
                                                    label="images", elem_id="num-images")
                         with gr.Row():
-                            baseline_steps = gr.Slider(1, 100, value=d.baseline_steps, step=1,
+                            baseline_steps = gr.Slider(*LIMITS["baseline_steps"], value=d.baseline_steps, step=1,
                                                        label="baseline steps", elem_id="baseline-steps")
                             guidance_scale = gr.Slider(*LIMITS["guidance_scale"], value=guidance, step=0.5,
                                                        label="guidance scale", elem_id="guidance")
@@ -172,7 +176,7 @@ class DemoApp:
                         with gr.Row():
                             sampler = gr.Dropdown(list(SAMPLERS), value=d.sampler, label="sampler",
                                                   elem_id="sampler")
-                            steps = gr.Slider(1, 100, value=d.steps, step=1, label="accelerated steps",
+                            steps = gr.Slider(*LIMITS["steps"], value=d.steps, step=1, label="accelerated steps",
                                               elem_id="steps")
                         time_shift = gr.Checkbox(d.time_shift, label="Time-Shift (Li et al. 2024)",
                                                  elem_id="time-shift")
@@ -229,7 +233,7 @@ class DemoApp:
 
             run_button.click(on_run, inputs=list(widgets.values()),
                              outputs=[message, baseline_gallery, accelerated_gallery, speedup, metrics, download,
-                                      details], api_name="run",
+                                      details], api_name="run", concurrency_limit=1,  # one run at a time
                              preprocess=False)  # raw values: our validation names the field and the allowed range
 
             def on_model(name: str) -> Any:
@@ -252,7 +256,7 @@ class DemoApp:
                 return on_plan(name) if kind == "HarmoniCa plan" else (gr.update(), gr.update())
 
             cache.change(on_cache, inputs=[cache, cache_plan], outputs=[steps, sampler], api_name=False)
-        demo.queue(default_concurrency_limit=1, max_size=32)
+        demo.queue(default_concurrency_limit=1, max_size=self.max_queue)  # one run at a time; a bounded wait
         return demo
 
 
@@ -279,10 +283,10 @@ def _guidance_for(name: str) -> float | None:
 
 
 def build_app(defaults: RunRequest | None = None, runner: DemoRunner | None = None,
-              workdir: str | Path | None = None) -> Any:
+              workdir: str | Path | None = None, max_queue: int = 16) -> Any:
     """The demo's `gr.Blocks` (queue enabled); serve it with `launch(demo)`. `workdir` keeps the downloadable
     archives (default: a private temporary folder removed at exit)."""
-    app = DemoApp(runner=runner, defaults=defaults, workdir=workdir)
+    app = DemoApp(runner=runner, defaults=defaults, workdir=workdir, max_queue=max_queue)
     demo = app.build()
     demo.diffaccel_app = app  # keep the owner (runner, model cache, download folder) alive with the Blocks
     return demo
@@ -291,5 +295,6 @@ def build_app(defaults: RunRequest | None = None, runner: DemoRunner | None = No
 def launch(demo: Any, host: str = "127.0.0.1", port: int | None = None, prevent_thread_lock: bool = False) -> str:
     """Serve the demo (the page's CSS is passed here, as gradio 6 expects); returns the local URL."""
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock,
-                            show_error=False, quiet=True, css=CSS, footer_links=["api"])
+                            show_error=False, quiet=True, css=CSS, footer_links=["api"],
+                            max_threads=4)  # the web server's own worker threads; runs are queued one at a time
     return url

@@ -14,7 +14,7 @@ seeds. Rows:
   prompts and seeds disjoint from the evaluation's, at the FLOPs ratios DeepCache reaches (and `--targets`).
 
     python benchmarks/branch_reuse.py --num-images 50 --out benchmarks/results/branch_reuse.json \
-        --md benchmarks/results/branch_reuse.md --save-plans caching/plans
+        --md benchmarks/results/branch_reuse.md --save-plans caching/plans/branch_reuse
 
 Progress on stderr; JSON on stdout (and --out).
 """
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         base = rows[0] if rows else None
         if base is not None and base["flops_per_image"] and res.flops_per_image:
             row["flops_ratio"] = base["flops_per_image"] / res.flops_per_image
-            row["wall_speedup"] = base["seconds_per_image"] / res.seconds_per_image
+            row["wall_speedup"] = base["seconds_per_image"] / res.seconds_per_image  # idle machine only
         rows.append(row)
         p = row["paired"] or {}
         log(f"{name}: FLOPs ratio {row.get('flops_ratio', 1.0):.3f}, PSNR {p.get('psnr')}, SSIM {p.get('ssim')}, "
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         cal_s = measure_s + time.perf_counter() - t0
         name = f"branch-reuse-{target:.2f}x"
         if args.save_plans is not None:
-            plan.save(args.save_plans / f"digits-sd-{args.steps}-branch-reuse-{target:.2f}x.branch.safetensors")
+            plan.metadata.update(model="digits-sd", command=summary_command(argv))
+            plan.save(args.save_plans / f"digits-sd-{args.steps}-branch-reuse-{target:.2f}x.safetensors")
         apply_branch_reuse(pipe, plan)
         try:
             run(name, {"method": "diffaccel branch reuse, calibrated", "calibration": rep.as_dict(),
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": "digits-sd", "steps": args.steps, "guidance_scale": args.guidance,
                "num_images": args.num_images, "seed": args.seed, "calibration_images": args.calibration_images,
                "calibration_seed": args.calibration_seed, "threads": args.threads, "machine": machine(),
-               "command": "python benchmarks/branch_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": summary_command(argv),
                "rows": rows, "notes": notes}
     text = json.dumps(summary, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o)
                       else str(o))
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown(summary))
     return 0
+
+
+def summary_command(argv: list[str] | None) -> str:
+    return "python benchmarks/branch_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def machine() -> str:
@@ -173,8 +178,8 @@ def markdown(summary: dict) -> str:
              f"{summary['steps']} DDIM steps, CFG {summary['guidance_scale']}, {summary['num_images']} images "
              f"(seeds {summary['seed']}..), paired metrics against the plain images of the same seeds; branch reuse "
              f"calibrated on {summary['calibration_images']} other images (seeds {summary['calibration_seed']}..).",
-             "", "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc | wall speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         p = r.get("paired") or {}
 
@@ -182,7 +187,7 @@ def markdown(summary: dict) -> str:
             return "-" if v is None else format(v, spec)
         lines.append(f"| {r['name']} | {f(r.get('flops_ratio', 1.0), '.3f')} | {f(p.get('psnr'), '.2f')} | "
                      f"{f(p.get('ssim'), '.4f')} | {f(p.get('feature_dist'), '.4f')} | {f(r['fid'], '.3f')} | "
-                     f"{f(r['class_accuracy'], '.3f')} | {f(r.get('wall_speedup'), '.2f')} |")
+                     f"{f(r['class_accuracy'], '.3f')} |")
     lines += [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 

@@ -52,7 +52,7 @@ from ..core.hooks import (
 STEP_HOOK = "diffaccel.branch_reuse.step"
 UNIT_HOOK = "diffaccel.branch_reuse.unit"
 HOOK_NAMES = (STEP_HOOK, UNIT_HOOK)
-PLANS_DIR = Path(__file__).resolve().parent / "plans"
+PLANS_DIR = Path(__file__).resolve().parent / "plans" / "branch_reuse"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,8 +187,8 @@ class BranchReusePlan:
 
 
 def shipped_unet_plans() -> dict[str, Path]:
-    """Branch reuse plans shipped with diffaccel: `{name: path}`, e.g. `"digits-sd-50-branch-reuse-1.7x"`."""
-    return {p.name.removesuffix(".branch.safetensors"): p for p in sorted(PLANS_DIR.glob("*.branch.safetensors"))}
+    """Branch reuse plans shipped with diffaccel (`caching/plans/branch_reuse/`): `{name: path}`."""
+    return {p.stem: p for p in sorted(PLANS_DIR.glob("*.safetensors"))}
 
 
 def _plan_path(name_or_path: str | os.PathLike) -> Path:

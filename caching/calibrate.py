@@ -305,58 +305,138 @@ def whole_call_flops(pipe, call_kwargs: dict[str, Any], plan: BranchReusePlan | 
     return float(c.get_total_flops())
 
 
-class UNetCalibrator:
+class Calibrator:
     """Steps 1-3 of the module docstring once (trajectory, reuse errors, weights, row FLOPs); then `check(target)`
-    and `for_psnr(floor)` choose and measure plans cheaply for as many targets as wanted."""
+    and `for_psnr(floor)` choose and measure plans cheaply for as many targets as wanted. Subclasses bind a
+    denoiser family: `UNetCalibrator` (branch reuse plans) and `DiTCalibrator` (HarmoniCa-style cache plans)."""
+
+    cond_key = "prompt"
 
     @torch.no_grad()
-    def __init__(self, pipe, prompts: Sequence[str], *, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 num_images: int = 8, seed: int = 10_000, max_age: int = 4, progress: bool = False,
-                 **call_kwargs: Any) -> None:
+    def __init__(self, pipe, conditions: Sequence[Any], *, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, num_images: int = 8, seed: int = 10_000, max_age: int = 4,
+                 progress: bool = False, **call_kwargs: Any) -> None:
         from ..core import make_generators, pipeline_output_to_uint8
 
-        if not prompts:
-            raise ValueError("calibration needs at least one prompt")
+        if not conditions:
+            raise ValueError("calibration needs at least one prompt or class label")
         if num_images < 1 or num_inference_steps < 2:
             raise ValueError("calibration needs num_images >= 1 and num_inference_steps >= 2")
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         self.pipe, self.progress, self.seed, self.num_images = pipe, progress, seed, num_images
-        self.steps, self.guidance_scale = num_inference_steps, guidance_scale
-        unet = find_denoiser(pipe)
-        self.units = unet_units(unet)
-        prompt_list = [prompts[i % len(prompts)] for i in range(num_images)]
-        self.kw = {**call_kwargs, "prompt": prompt_list, "num_inference_steps": num_inference_steps,
+        self.steps, self.guidance_scale, self.max_age = num_inference_steps, guidance_scale, max_age
+        self.model = find_denoiser(pipe)
+        cond = [conditions[i % len(conditions)] for i in range(num_images)]
+        self.kw = {**call_kwargs, self.cond_key: cond, "num_inference_steps": num_inference_steps,
                    "guidance_scale": guidance_scale, "output_type": "np"}
         self._gens = lambda: make_generators(seed, num_images)
         _log(progress, f"recording the plain trajectory ({num_images} images, {num_inference_steps} steps)")
         reset_caches(pipe)
         traj, plain = record_trajectory(pipe, {**self.kw, "generator": self._gens()})
         if len(traj.calls) != num_inference_steps:
-            raise ValueError(f"expected one UNet call per step, saw {len(traj.calls)} for {num_inference_steps} "
+            raise ValueError(f"expected one denoiser call per step, saw {len(traj.calls)} for {num_inference_steps} "
                              "steps (unbatched classifier-free guidance is not supported by calibration)")
+        self.traj = traj
         self.plain_u8 = pipeline_output_to_uint8(plain.images)
-        self.kinds = row_kinds(unet)
+        self.kinds = self.row_kinds()
         self.names = list(self.kinds)
-        full_cost, kind_costs = row_flops(pipe, traj, self.kinds)
-        # per image: UNet FLOPs are linear in the batch; the whole call is counted on one image
+        full_cost, kind_costs = self.row_flops()
+        # per image: denoiser FLOPs are linear in the batch; the whole call is counted on one image
         self.full_cost = full_cost / num_images
         self.costs = torch.tensor([kind_costs[n] / num_images for n in self.names], dtype=torch.float64)
         _log(progress, "measuring reuse errors (" + ", ".join(
             f"{n}: {kind_costs[n] / full_cost:.2f} of a full call" for n in self.names) + ")")
-        self.err = measure_reuse_errors(pipe, traj, self.kinds, max_age=max_age, progress=progress)
+        self.err = self.measure_errors()
         self.weights = ddim_weights(pipe.scheduler, traj.timesteps)
-        self.f_plain = whole_call_flops(pipe, {**self.kw, "generator": self._gens()}, None)
+        self.f_plain = self.call_flops(None)
         self.unet_total = num_inference_steps * self.full_cost
         self.other = max(self.f_plain - self.unet_total, 0.0)
+
+    # --------------------------------------------------------------------------------------- family bindings
+    def row_kinds(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def make_plan(self, mask: torch.Tensor, meta: dict[str, str]) -> Any:
+        raise NotImplementedError
+
+    def attach(self, plan: Any) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    def guided(self, out: torch.Tensor) -> torch.Tensor:
+        return _guided(out, self.guidance_scale)
+
+    # ----------------------------------------------------------------------------------------------- shared
+    @torch.no_grad()
+    def row_flops(self) -> tuple[float, dict[str, float]]:
+        """FLOPs of one full denoiser call and of one call with each row kind (second row of a 2-row plan)."""
+        (args0, kw0), (args1, kw1) = self.traj.calls[0], self.traj.calls[1]
+        with flop_counter() as c:
+            self.model(*args0, **kw0)
+        full = float(c.get_total_flops())
+        ones = torch.ones_like(next(iter(self.kinds.values())))
+        out = {}
+        for name, row in self.kinds.items():
+            self.attach(self.make_plan(torch.stack([ones, row]), {}))
+            try:
+                self.model(*args0, **kw0)
+                with flop_counter() as c:
+                    self.model(*args1, **kw1)
+                out[name] = float(c.get_total_flops())
+            finally:
+                self.detach()
+        return full, out
+
+    @torch.no_grad()
+    def measure_errors(self) -> torch.Tensor:
+        """e[s, k, a-1] (see `measure_reuse_errors`), two denoiser calls per (step, kind, age)."""
+        calls = self.traj.calls
+        full_out = [self.guided(_prediction(self.model(*a, **k)).double()) for a, k in calls]
+        ones = torch.ones_like(next(iter(self.kinds.values())))
+        err = torch.full((len(calls), len(self.kinds), self.max_age), math.nan, dtype=torch.float64)
+        for age in range(1, self.max_age + 1):
+            for s in range(age, len(calls)):
+                for i, row in enumerate(self.kinds.values()):
+                    self.attach(self.make_plan(torch.stack([ones, row]), {}))
+                    try:
+                        self.model(*calls[s - age][0], **calls[s - age][1])
+                        out = _prediction(self.model(*calls[s][0], **calls[s][1])).double()
+                    finally:
+                        self.detach()
+                    err[s, i, age - 1] = float((self.guided(out) - full_out[s]).pow(2).mean())
+            _log(self.progress, f"reuse errors at cache age {age}: done")
+        return err
+
+    @torch.no_grad()
+    def call_flops(self, plan: Any | None) -> float:
+        """FLOPs of one pipeline call on one image (first condition and seed), with `plan` attached if given."""
+        kw = {**self.kw, self.cond_key: self.kw[self.cond_key][:1], "generator": self._gens()[:1]}
+        if plan is not None:
+            self.attach(plan)
+        try:
+            with flop_counter() as c:
+                self.pipe(**kw)
+        finally:
+            if plan is not None:
+                self.detach()
+        return float(c.get_total_flops())
 
     def max_speedup(self) -> float:
         """The whole-call FLOPs ratio of the cheapest plan (row 0 full, every other row the cheapest kind)."""
         unet = self.full_cost + (self.steps - 1) * float(self.costs.min())
         return self.f_plain / (self.other + unet)
 
+    def _plan_from(self, rows: list[int], meta: dict[str, str]) -> Any:
+        ones = torch.ones_like(next(iter(self.kinds.values())))
+        mask = torch.stack([ones if r < 0 else self.kinds[self.names[r]] for r in rows])
+        names = ["full" if r < 0 else self.names[r] for r in rows]
+        return self.make_plan(mask, {**meta, "rows": ",".join(names)})
+
     @torch.no_grad()
-    def check(self, target: float) -> tuple[BranchReusePlan, CalibrationReport]:
+    def check(self, target: float) -> tuple[Any, CalibrationReport]:
         """The DP plan for a whole-call FLOPs ratio >= `target`, sampled on the calibration images and measured."""
         from ..core import pipeline_output_to_uint8
         from ..evals.paired import paired_fidelity
@@ -365,20 +445,20 @@ class UNetCalibrator:
             raise ValueError(f"target speed-up must be >= 1, got {target}")
         if target > self.max_speedup() * (1 + 1e-9):
             raise ValueError(f"target speed-up {target:.3f} is beyond the cheapest plan's {self.max_speedup():.3f}")
-        unet_plan = self.f_plain / target - self.other  # the UNet FLOPs the plan may spend
-        unet_target = self.unet_total / unet_plan if target > 1 else 1.0
-        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost, unet_target)
-        plan = _rows_to_plan(rows, self.names, self.kinds, self.units, {
-            "kind": "branch-reuse-calibrated", "target_speedup": f"{target:.4f}", "steps": str(self.steps),
+        denoiser_budget = self.f_plain / target - self.other  # the denoiser FLOPs the plan may spend
+        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost,
+                              self.unet_total / denoiser_budget if target > 1 else 1.0)
+        plan = self._plan_from(rows, {
+            "kind": "calibrated", "target_speedup": f"{target:.4f}", "steps": str(self.steps),
             "guidance_scale": str(self.guidance_scale), "calibration_seed": str(self.seed),
             "calibration_images": str(self.num_images)})
-        apply_branch_reuse(self.pipe, plan)
+        self.attach(plan)
         try:
             out = self.pipe(**{**self.kw, "generator": self._gens()})
         finally:
-            remove_branch_reuse(self.pipe)
+            self.detach()
         fid = paired_fidelity(pipeline_output_to_uint8(out.images), self.plain_u8, extractor=None)
-        measured = self.f_plain / whole_call_flops(self.pipe, {**self.kw, "generator": self._gens()}, plan)
+        measured = self.f_plain / self.call_flops(plan)
         rep = CalibrationReport(target_speedup=target, min_psnr=None, steps=self.steps,
                                 rows=plan.metadata["rows"].split(","),
                                 modelled_flops_ratio=rows_ratio(rows, self.costs, self.full_cost),
@@ -388,7 +468,7 @@ class UNetCalibrator:
                             f"SSIM {fid.ssim:.4f}")
         return plan, rep
 
-    def for_psnr(self, min_psnr: float, probes: int = 7) -> tuple[BranchReusePlan, CalibrationReport]:
+    def for_psnr(self, min_psnr: float, probes: int = 7) -> tuple[Any, CalibrationReport]:
         """The fastest plan found (bisection over targets) whose calibration PSNR is >= `min_psnr`."""
         lo, hi = 1.0, self.max_speedup()
         best = None
@@ -400,13 +480,81 @@ class UNetCalibrator:
             else:
                 hi = mid
         if best is None:
-            rows = [-1] * self.steps
-            plan = _rows_to_plan(rows, self.names, self.kinds, self.units, {"kind": "no-reuse"})
+            plan = self._plan_from([-1] * self.steps, {"kind": "no-reuse"})
             rep = CalibrationReport(None, min_psnr, self.steps, ["full"] * self.steps, 1.0, 1.0, math.inf, 1.0,
                                     self.num_images, self.seed, ["no plan with reuse met the PSNR floor"])
             return plan, rep
         best[1].min_psnr = min_psnr
         return best
+
+
+class UNetCalibrator(Calibrator):
+    """Branch reuse plans for UNet text-to-image pipelines (rows: full, cut<c>, reuse-all)."""
+
+    def row_kinds(self) -> dict[str, torch.Tensor]:
+        return row_kinds(self.model)
+
+    def make_plan(self, mask: torch.Tensor, meta: dict[str, str]) -> BranchReusePlan:
+        return BranchReusePlan(mask, tuple(u.name for u in unet_units(self.model)), meta)
+
+    def attach(self, plan: BranchReusePlan) -> None:
+        apply_branch_reuse(self.pipe, plan, strict_steps=plan.num_steps == self.steps)
+
+    def detach(self) -> None:
+        remove_branch_reuse(self.pipe)
+
+    def measure_errors(self) -> torch.Tensor:
+        # one full call per (step, age), then every kind from the same caches (fewer calls than the generic way)
+        kinds = {k: v for k, v in self.kinds.items()}
+        return measure_reuse_errors(self.pipe, self.traj, kinds, max_age=self.max_age, progress=self.progress)
+
+
+class DiTCalibrator(Calibrator):
+    """Cache plans (`caching.CachePlan`, HarmoniCa's format) for DiT pipelines: per step, reuse every unit (FORA's
+    row), only the attention units, only the feed-forward units, or none."""
+
+    cond_key = "class_labels"
+
+    def row_kinds(self) -> dict[str, torch.Tensor]:
+        from .harmonica import unit_modules
+
+        names = [n for n, _ in unit_modules(self.model)]
+        return {"reuse-all": torch.zeros(len(names), dtype=torch.bool),
+                "reuse-attn": torch.tensor([not n.endswith((".attn1", ".attn2")) for n in names]),
+                "reuse-ff": torch.tensor([not n.endswith(".ff") for n in names])}
+
+    def make_plan(self, mask: torch.Tensor, meta: dict[str, str]):
+        from .harmonica import CachePlan
+
+        return CachePlan(mask, metadata=meta)
+
+    def attach(self, plan) -> None:
+        from .harmonica import apply_cache_plan
+
+        apply_cache_plan(self.pipe, plan, force=True)
+
+    def detach(self) -> None:
+        from .harmonica import remove_cache_plan
+
+        remove_cache_plan(self.pipe)
+
+    def guided(self, out: torch.Tensor) -> torch.Tensor:
+        """DiTPipeline's guidance: [cond; uncond] halves, on the first `in_channels` channels (learned sigma)."""
+        eps = out[:, :self.model.config.in_channels]
+        if self.guidance_scale <= 1.0 or eps.shape[0] % 2:
+            return eps
+        cond, uncond = eps.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+
+def calibrator_for(pipe, conditions: Sequence[Any], **kwargs: Any) -> Calibrator:
+    """The calibrator of a pipeline's family: UNet text-to-image or DiT class-conditional."""
+    model = find_denoiser(pipe)
+    if type(model).__name__ == "DiTTransformer2DModel":
+        return DiTCalibrator(pipe, conditions, **kwargs)
+    if getattr(pipe, "unet", None) is not None:
+        return UNetCalibrator(pipe, conditions, **kwargs)
+    raise ValueError(f"calibration supports UNet text-to-image and DiT pipelines, not {type(pipe).__name__}")
 
 
 def calibrate_unet(pipe, prompts: Sequence[str], *, target_speedup: float | None = None,

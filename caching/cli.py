@@ -12,6 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..core.errors import InputError
+from ..core.options import MAX_STEPS, batch_option, float_in, int_in, seed_option, steps_option, threads_option
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="feature caching: train HarmoniCa routers, inspect cache plans",
@@ -23,22 +26,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "objective) for a class-conditional DiT pipeline and write the binary cache plan "
                                     "(safetensors), the router logits and a JSON card with this command.")
     q.add_argument("--model", default="digits-dit", help="zoo DiT pipeline (default digits-dit)")
-    q.add_argument("--steps", type=int, default=20, help="sampling steps the plan is for (default 20)")
-    q.add_argument("--trajectories", type=int, default=120, help="training trajectories (default 120)")
-    q.add_argument("--batch-size", type=int, default=16, help="images per trajectory; CFG doubles the rows")
-    q.add_argument("--guidance", type=float, default=4.0, help="CFG scale used in training and inference (4.0)")
-    q.add_argument("--beta", type=float, default=1e-4, help="reuse incentive β: larger -> more cache reuse")
-    q.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate on the router logits")
-    q.add_argument("--threshold", type=float, default=0.1, help="τ: compute where sigmoid(Θ) > τ (0.1)")
-    q.add_argument("--lambda-every", type=int, default=10, help="trajectories between image-error-proxy refreshes")
+    q.add_argument("--steps", type=steps_option, default=20, help="sampling steps the plan is for (default 20)")
+    q.add_argument("--trajectories", type=int_in(1, 1_000_000), default=120, help="training trajectories (default 120)")
+    q.add_argument("--batch-size", type=batch_option, default=16, help="images per trajectory; CFG doubles the rows")
+    q.add_argument("--guidance", type=float_in(0.0, 100.0), default=4.0,
+                   help="CFG scale used in training and inference (4.0)")
+    q.add_argument("--beta", type=float_in(0.0), default=1e-4, help="reuse incentive β: larger -> more cache reuse")
+    q.add_argument("--lr", type=float_in(0.0, 10.0, lo_open=True), default=0.05,
+                   help="AdamW learning rate on the router logits")
+    q.add_argument("--threshold", type=float_in(0.0, 1.0, hi_open=True), default=0.1,
+                   help="τ: compute where sigmoid(Θ) > τ (0.1)")
+    q.add_argument("--lambda-every", type=int_in(1, 1_000_000), default=10,
+                   help="trajectories between image-error-proxy refreshes")
     q.add_argument("--lambda-mode", choices=["released", "paper"], default="released",
                    help="IEPO weight: released code's incremental form (default) or the paper's")
     q.add_argument("--no-sdt", action="store_true", help="ablation: teacher trajectory, exact caches (L2C-like)")
     q.add_argument("--no-iepo", action="store_true", help="ablation: λ_s = 1 (per-step output matching only)")
     q.add_argument("--cost-weighted", action="store_true",
                    help="diffaccel extension: weight each unit's β term by its FLOPs share (not in the paper)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; results depend on it)")
+    q.add_argument("--seed", type=seed_option, default=0)
+    q.add_argument("--threads", type=threads_option, default=1,
+                   help="torch CPU threads (default 1; results depend on it)")
     q.add_argument("--out", type=Path, required=True, help="plan file to write (.safetensors); the router goes to "
                    "<stem>.router.safetensors and the card to <stem>.json beside it")
     q.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file (default <out stem>.ckpt.pt)")
@@ -53,31 +61,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_plan_info)
 
-    q = csub.add_parser("calibrate", help="choose a UNet branch reuse plan for a target speed-up or PSNR floor",
-                        description="Calibrate a branch reuse plan (caching.calibrate) for a UNet text-to-image "
-                                    "pipeline: measure reuse errors on a few prompts and seeds, choose the plan by "
-                                    "dynamic programming, then sample it and report the measured whole-call FLOPs "
-                                    "ratio and paired PSNR / SSIM against the uncached images.")
-    q.add_argument("--model", default="digits-sd", help="zoo UNet text-to-image pipeline (default digits-sd)")
+    q = csub.add_parser("calibrate", help="choose a cache plan for a target speed-up or PSNR floor",
+                        description="Calibrate a cache plan (caching.calibrate): a branch reuse plan for a UNet "
+                                    "text-to-image pipeline, a cache plan for a DiT. Measures reuse errors on a few "
+                                    "prompts (labels) and seeds, chooses the plan by dynamic programming, then "
+                                    "samples it and reports the measured whole-call FLOPs ratio and paired PSNR / "
+                                    "SSIM against the uncached images.")
+    q.add_argument("--model", default="digits-sd", help="zoo pipeline: UNet text-to-image or DiT (default digits-sd)")
     q.add_argument("--prompt", action="append", default=None, help="calibration prompt (repeatable; default: the "
                    "ten digit captions)")
+    q.add_argument("--label", action="append", type=int_in(0), default=None, help="class label for DiT pipelines "
+                   "(repeatable; default 0-9)")
     goal = q.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--speedup", type=float, help="target whole-call FLOPs ratio (e.g. 2.0)")
-    goal.add_argument("--min-psnr", type=float, help="fidelity floor in dB: the fastest plan found above it")
-    q.add_argument("--steps", type=int, default=50, help="DDIM steps the plan is for (default 50)")
-    q.add_argument("--guidance", type=float, default=7.5, help="CFG scale (default 7.5)")
-    q.add_argument("--images", type=int, default=8, help="calibration images (default 8)")
-    q.add_argument("--seed", type=int, default=10_000, help="first calibration seed (keep apart from evaluation)")
-    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    q.add_argument("--out", type=Path, required=True, help="plan file to write (.branch.safetensors)")
+    goal.add_argument("--speedup", type=float_in(1.0, 1000.0), help="target whole-call FLOPs ratio (e.g. 2.0)")
+    goal.add_argument("--min-psnr", type=float_in(0.0, 1000.0),
+                      help="fidelity floor in dB: the fastest plan found above it")
+    q.add_argument("--steps", type=int_in(2, MAX_STEPS), default=50, help="DDIM steps the plan is for (default 50)")
+    q.add_argument("--guidance", type=float_in(0.0, 100.0), default=None,
+                   help="CFG scale (default 7.5 for UNets, 4.0 for DiTs)")
+    q.add_argument("--images", type=int_in(1, 100_000), default=8, help="calibration images (default 8)")
+    q.add_argument("--seed", type=seed_option, default=10_000,
+                   help="first calibration seed (keep apart from evaluation)")
+    q.add_argument("--threads", type=threads_option, default=None, help="torch CPU threads")
+    q.add_argument("--out", type=Path, required=True, help="plan file to write (.safetensors)")
     q.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     q.set_defaults(func=cmd_calibrate)
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def cmd_train_router(args: argparse.Namespace) -> int:
@@ -87,9 +96,9 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     from .harmonica_train import TrainConfig, train_router, write_card
 
     if args.threads < 1:
-        return _fail(f"--threads must be >= 1, got {args.threads}")
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.out.suffix != ".safetensors":
-        return _fail(f"--out must end in .safetensors, got {args.out}")
+        raise InputError(f"--out must end in .safetensors, got {args.out}")
     torch.set_num_threads(args.threads)
     config = TrainConfig(num_steps=args.steps, trajectories=args.trajectories, batch_size=args.batch_size,
                          guidance_scale=args.guidance, beta=args.beta, lr=args.lr, threshold=args.threshold,
@@ -97,12 +106,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
                          iepo=not args.no_iepo, seed=args.seed, cost_weighted=args.cost_weighted)
     pipe = zoo.load(args.model)
     ckpt = args.checkpoint or args.out.with_name(args.out.stem + ".ckpt.pt")
-    try:
-        result = train_router(pipe, config, checkpoint=ckpt, resume=args.resume)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
-    except TypeError as exc:
-        return _fail(str(exc))
+    result = train_router(pipe, config, checkpoint=ckpt, resume=args.resume)
     result.plan.metadata["model"] = args.model
     command = "diffaccel " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["cache"] else \
         f"diffaccel cache train-router --model {args.model} --steps {args.steps} ..."
@@ -135,10 +139,7 @@ def cmd_plan_info(args: argparse.Namespace) -> int:
                 print(f"{name:40s} steps {plan.num_steps:3d}  units {plan.num_units:3d}  "
                       f"usage {plan.usage_ratio:6.1%}  {plan.model_class}")
         return 0
-    try:
-        plan = CachePlan.load(args.name)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
+    plan = CachePlan.load(args.name)
     info = plan.describe()
     if args.json:
         print(json.dumps(info, indent=1))
@@ -156,36 +157,41 @@ def cmd_plan_info(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import inspect
-
     import torch
 
     from ..zoo import ENTRIES, caption, load
-    from .calibrate import UNetCalibrator
+    from .calibrate import calibrator_for
 
     if args.model not in ENTRIES:
-        return _fail(f"unknown zoo model {args.model!r}")
+        raise InputError(f"unknown zoo model {args.model!r}")
     if args.speedup is not None and args.speedup < 1.0:
-        return _fail(f"--speedup must be >= 1, got {args.speedup}")
+        raise InputError(f"--speedup must be >= 1, got {args.speedup}")
     if args.images < 1 or args.steps < 2:
-        return _fail("--images must be >= 1 and --steps >= 2")
+        raise InputError("--images must be >= 1 and --steps >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load(args.model)
-    if getattr(pipe, "unet", None) is None or "prompt" not in inspect.signature(pipe.__call__).parameters:
-        return _fail(f"{args.model} is not a UNet text-to-image pipeline; calibrate supports those (e.g. digits-sd)")
     from diffusers import DDIMScheduler
 
+    if getattr(pipe, "scheduler", None) is None:
+        raise InputError(f"{args.model} is not a sampling pipeline")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    prompts = args.prompt or [caption(d) for d in range(10)]
+    is_dit = getattr(pipe, "transformer", None) is not None
+    if is_dit:
+        if args.prompt:
+            raise InputError(f"{args.model} is class-conditional: give --label, not --prompt")
+        conditions = args.label or list(range(10))
+    else:
+        conditions = args.prompt or [caption(d) for d in range(10)]
+    guidance = args.guidance if args.guidance is not None else (4.0 if is_dit else 7.5)
     try:
-        cal = UNetCalibrator(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        cal = calibrator_for(pipe, conditions, num_inference_steps=args.steps, guidance_scale=guidance,
                              num_images=args.images, seed=args.seed, progress=not args.quiet)
         plan, rep = cal.check(args.speedup) if args.speedup is not None else cal.for_psnr(args.min_psnr)
-    except ValueError as exc:
-        return _fail(str(exc))
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc)) from exc
     plan.metadata.update(model=args.model, goal=f"speedup {args.speedup}" if args.speedup is not None
-                         else f"min-psnr {args.min_psnr}", prompts=" | ".join(prompts))
+                         else f"min-psnr {args.min_psnr}", conditions=" | ".join(map(str, conditions)))
     path = plan.save(args.out)
     report = {**rep.as_dict(), "plan": str(path), "model": args.model}
     if args.json:

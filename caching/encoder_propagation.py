@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
 from ..core.hooks import (
     StatefulHook,
     StepTracker,
@@ -65,9 +66,9 @@ class NoiseInjection:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"noise injection alpha must be a finite number >= 0, got {self.alpha}")
+            raise InputError(f"noise injection alpha must be a finite number >= 0, got {self.alpha}")
         if not 0.0 < self.tau_frac <= 1.0:
-            raise ValueError(f"noise injection tau_frac must be in (0, 1], got {self.tau_frac}")
+            raise InputError(f"noise injection tau_frac must be in (0, 1], got {self.tau_frac}")
 
 
 @dataclass
@@ -113,14 +114,14 @@ class EncoderPropagationConfig:
             raise TypeError(f"noise_injection must be NoiseInjection, (alpha, tau_frac) or None, "
                             f"got {self.noise_injection!r}")
         if isinstance(self.max_parallel, bool) or not isinstance(self.max_parallel, int) or self.max_parallel < 1:
-            raise ValueError(f"max_parallel must be an int >= 1, got {self.max_parallel!r}")
+            raise InputError(f"max_parallel must be an int >= 1, got {self.max_parallel!r}")
         if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
-            raise ValueError(f"max_batch must be None or an int >= 1, got {self.max_batch!r}")
+            raise InputError(f"max_batch must be None or an int >= 1, got {self.max_batch!r}")
         if isinstance(self.propagate_up_blocks, bool) or not isinstance(self.propagate_up_blocks, int) \
                 or self.propagate_up_blocks < 0:
-            raise ValueError(f"propagate_up_blocks must be an int >= 0, got {self.propagate_up_blocks!r}")
+            raise InputError(f"propagate_up_blocks must be an int >= 0, got {self.propagate_up_blocks!r}")
         if self.step_counting != "timestep":
-            raise ValueError(
+            raise InputError(
                 f"step_counting={self.step_counting!r} is not supported; only 'timestep' (second-order schedulers "
                 "such as Heun repeat timesteps, which are then counted as one step)"
             )
@@ -462,7 +463,7 @@ def sample_initial_noise(pipe: Any, call_kwargs: dict[str, Any]) -> torch.Tensor
     elif embeds is not None:
         batch = int(embeds.shape[0])
     else:
-        raise ValueError("pass `prompt` or `prompt_embeds`")
+        raise InputError("pass `prompt` or `prompt_embeds`")
     batch *= int(call_kwargs.get("num_images_per_prompt") or 1)
     size = unet.config.sample_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
@@ -507,20 +508,20 @@ def apply_encoder_propagation(model_or_pipe: Any, config: EncoderPropagationConf
     unet = find_denoiser(model_or_pipe)
     _check_unet(unet)
     if has_hook(unet, DENOISER_HOOK):
-        raise ValueError("encoder propagation is already applied to this UNet; call remove_encoder_propagation first")
+        raise InputError("encoder propagation is already applied to this UNet; call remove_encoder_propagation first")
     callback = config.timesteps_callback
     if callback is None and pipe is not None:
         pipe_ref = weakref.ref(pipe)
         callback = lambda: pipe_ref().scheduler.timesteps  # noqa: E731
     if config.parallel and callback is None:
-        raise ValueError("parallel decoding needs the scheduler's timesteps: apply encoder propagation to the "
+        raise InputError("parallel decoding needs the scheduler's timesteps: apply encoder propagation to the "
                          "pipeline, or set EncoderPropagationConfig(timesteps_callback=...)")
     state = _EPState(config, callback)
     encoder = [("conv_in", unet.conv_in)] + [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
     if unet.mid_block is not None:
         encoder.append(("mid_block", unet.mid_block))
     if config.propagate_up_blocks >= len(unet.up_blocks):
-        raise ValueError(f"propagate_up_blocks={config.propagate_up_blocks} leaves no up block to run; this UNet has "
+        raise InputError(f"propagate_up_blocks={config.propagate_up_blocks} leaves no up block to run; this UNet has "
                          f"{len(unet.up_blocks)} up blocks")
     encoder += [(f"up_blocks.{i}", unet.up_blocks[i]) for i in range(config.propagate_up_blocks)]
     for name, module in encoder:
@@ -536,7 +537,7 @@ def _state(model_or_pipe: Any) -> _EPState:
     unet = find_denoiser(model_or_pipe)
     hook = get_hook(unet, DENOISER_HOOK)
     if hook is None:
-        raise ValueError("encoder propagation is not applied to this model")
+        raise InputError("encoder propagation is not applied to this model")
     return hook.state
 
 

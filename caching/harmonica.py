@@ -23,7 +23,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InputError
 from ..core.families import find_denoiser
+from ..core.files import atomic_save
 from ..core.hooks import (
     StatefulHook,
     StepTracker,
@@ -97,7 +98,7 @@ def unit_modules(transformer: nn.Module, units: Sequence[str] | None = None) -> 
             continue
         for b, block in enumerate(getattr(transformer, attr)):
             if getattr(block, "_chunk_size", None) is not None:
-                raise ValueError(f"{attr}.{b} uses feed-forward chunking (chunk size {block._chunk_size}), "
+                raise InputError(f"{attr}.{b} uses feed-forward chunking (chunk size {block._chunk_size}), "
                                  "which calls `ff` once per chunk; disable it before attaching a cache plan")
             for name in names:
                 module = getattr(block, name, None)
@@ -105,7 +106,7 @@ def unit_modules(transformer: nn.Module, units: Sequence[str] | None = None) -> 
                     continue
                 if not isinstance(module, nn.Module):
                     have = [n for n, m in block.named_children() if isinstance(m, nn.Module)]
-                    raise ValueError(f"{attr}.{b} has no unit {name!r}; its modules are {have}")
+                    raise InputError(f"{attr}.{b} has no unit {name!r}; its modules are {have}")
                 out.append((f"{attr}.{b}.{name}", module))
     return out
 
@@ -138,20 +139,20 @@ class CachePlan:
     def __post_init__(self) -> None:
         mask = torch.as_tensor(self.mask)
         if mask.ndim != 2 or mask.shape[0] < 1 or mask.shape[1] < 1:
-            raise ValueError(f"a cache plan is a [steps, units] matrix, got shape {tuple(mask.shape)}")
+            raise InputError(f"a cache plan is a [steps, units] matrix, got shape {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             if not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("cache plan entries must be 0/1 (or bool)")
+                raise InputError("cache plan entries must be 0/1 (or bool)")
             mask = mask != 0
         self.mask = mask.detach().cpu().contiguous()
         if not bool(self.mask[0].all()):
-            raise ValueError(f"row 0 of a cache plan must compute every unit (nothing is cached before step 0); "
+            raise InputError(f"row 0 of a cache plan must compute every unit (nothing is cached before step 0); "
                              f"it reuses units {(~self.mask[0]).nonzero().flatten().tolist()}")
         if self.units is not None:
             self.units = tuple(self.units)
         if self.num_blocks is not None and self.units is not None and self.model_class not in MIXED_BLOCKS \
                 and self.num_blocks * len(self.units) != self.mask.shape[1]:
-            raise ValueError(f"plan has {self.mask.shape[1]} unit columns but its layout is {self.num_blocks} blocks "
+            raise InputError(f"plan has {self.mask.shape[1]} unit columns but its layout is {self.num_blocks} blocks "
                              f"x {len(self.units)} units {self.units} = {self.num_blocks * len(self.units)}")
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
 
@@ -196,7 +197,7 @@ class CachePlan:
                   "num_blocks": str(self.num_blocks or ""), "units": ",".join(self.units or ()),
                   "scheduler_class": self.scheduler_class or "",
                   "metadata": json.dumps(self.metadata, sort_keys=True)}
-        _atomic_write(path, lambda tmp: save_file({"mask": self.mask.to(torch.uint8)}, str(tmp), metadata=header))
+        atomic_save(path, lambda tmp: save_file({"mask": self.mask.to(torch.uint8)}, str(tmp), metadata=header))
         return path
 
     @classmethod
@@ -205,29 +206,24 @@ class CachePlan:
         from safetensors import safe_open
 
         path = _plan_path(path)
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("format") != PLAN_FORMAT:
-                raise ValueError(f"{path} is not a diffaccel cache plan (format {header.get('format')!r}, "
-                                 f"expected {PLAN_FORMAT!r})")
-            mask = f.get_tensor("mask")
+        if path.is_dir():
+            raise InputError(f"{path} is a folder, not a cache plan file (.safetensors)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != PLAN_FORMAT:
+                    raise InputError(f"{path} is not a diffaccel cache plan (format {header.get('format')!r}, "
+                                     f"expected {PLAN_FORMAT!r})")
+                mask = f.get_tensor("mask")
+        except InputError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for files that are not safetensors
+            raise InputError(f"{path} is not a readable cache plan (.safetensors): {exc}") from exc
         return cls(mask=mask, model_class=header.get("model_class") or None,
                    num_blocks=int(header["num_blocks"]) if header.get("num_blocks") else None,
                    units=tuple(header["units"].split(",")) if header.get("units") else None,
                    scheduler_class=header.get("scheduler_class") or None,
                    metadata=json.loads(header.get("metadata") or "{}"))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def shipped_plans() -> dict[str, Path]:
@@ -242,7 +238,7 @@ def _plan_path(name_or_path: str | os.PathLike) -> Path:
     shipped = shipped_plans()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
-    raise FileNotFoundError(f"no cache plan file {str(name_or_path)!r}; shipped plans: {', '.join(shipped) or 'none'}")
+    raise InputError(f"no cache plan file {str(name_or_path)!r}; shipped plans: {', '.join(shipped) or 'none'}")
 
 
 def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
@@ -252,7 +248,7 @@ def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
     units = default_units(transformer)
     n = len(unit_modules(transformer))
     if n != num_units:
-        raise ValueError(f"num_units={num_units} but {type(transformer).__name__} has {n} cache units "
+        raise InputError(f"num_units={num_units} but {type(transformer).__name__} has {n} cache units "
                          f"({num_blocks(transformer)} blocks, units {units})")
     scheduler = getattr(model, "scheduler", None)
     return {"model_class": type(transformer).__name__, "num_blocks": num_blocks(transformer),
@@ -265,7 +261,7 @@ def fora_plan(num_steps: int, num_units: int, interval: int, *, model: Any | Non
     `model` (a transformer or pipeline) binds the plan to that layout and scheduler; without it the plan is generic.
     """
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"FORA interval must be an int >= 1, got {interval!r}")
+        raise InputError(f"FORA interval must be an int >= 1, got {interval!r}")
     _check_size(num_steps, num_units)
     mask = (torch.arange(num_steps) % interval == 0)[:, None].expand(num_steps, num_units)
     return CachePlan(mask, **_layout_of(model, num_units), metadata={"kind": "fora", "interval": str(interval)})
@@ -278,7 +274,7 @@ def random_plan(num_steps: int, num_units: int, usage_ratio: float, seed: int = 
     total = num_steps * num_units
     k = round(usage_ratio * total)
     if not 0.0 <= usage_ratio <= 1.0 or k > (num_steps - 1) * num_units:
-        raise ValueError(f"usage_ratio {usage_ratio} asks for {k} reused pairs but only "
+        raise InputError(f"usage_ratio {usage_ratio} asks for {k} reused pairs but only "
                          f"{(num_steps - 1) * num_units} of {total} are reusable (row 0 always computes)")
     g = torch.Generator().manual_seed(seed)
     flat = torch.ones(total, dtype=torch.bool)
@@ -290,7 +286,7 @@ def random_plan(num_steps: int, num_units: int, usage_ratio: float, seed: int = 
 
 def _check_size(num_steps: int, num_units: int) -> None:
     if num_steps < 1 or num_units < 1:
-        raise ValueError(f"num_steps and num_units must be >= 1, got {num_steps}, {num_units}")
+        raise InputError(f"num_steps and num_units must be >= 1, got {num_steps}, {num_units}")
 
 
 def resample_plan(plan: CachePlan, model: Any) -> CachePlan:
@@ -299,9 +295,9 @@ def resample_plan(plan: CachePlan, model: Any) -> CachePlan:
     transformer = find_denoiser(model)
     units = default_units(transformer)
     if plan.units is not None and tuple(plan.units) != units:
-        raise ValueError(f"plan units {plan.units} differ from {type(transformer).__name__}'s {units}")
+        raise InputError(f"plan units {plan.units} differ from {type(transformer).__name__}'s {units}")
     if len(unit_modules(transformer)) != len(transformer.transformer_blocks) * len(units):
-        raise ValueError(f"resample_plan maps plans of uniform blocks (DiT, PixArt); {type(transformer).__name__} "
+        raise InputError(f"resample_plan maps plans of uniform blocks (DiT, PixArt); {type(transformer).__name__} "
                          "has blocks with different unit sets")
     blocks_from = plan.num_units // len(units)
     blocks_to = len(transformer.transformer_blocks)
@@ -332,7 +328,7 @@ class Router(nn.Module):
         super().__init__()
         _check_size(num_steps, num_units)
         if num_steps < 2:
-            raise ValueError("a router needs at least 2 steps (row 0 always computes)")
+            raise InputError("a router needs at least 2 steps (row 0 always computes)")
         self.num_steps, self.num_units = num_steps, num_units
         self.model_class, self.num_blocks = model_class, num_blocks
         self.units = tuple(units) if units is not None else None
@@ -376,7 +372,7 @@ class Router(nn.Module):
     def to_plan(self, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
         """Binary plan `P = sigmoid(Θ) > threshold`, row 0 forced to compute (spec §3.3)."""
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+            raise InputError(f"threshold must be in (0, 1), got {threshold}")
         with torch.no_grad():
             mask = self.scores() > threshold
         mask[0] = True
@@ -399,14 +395,14 @@ class Router(nn.Module):
             if m:
                 rows[int(m.group(1))] = torch.as_tensor(value).detach().float().reshape(-1)
         if not rows or sorted(rows) != list(range(len(rows))):
-            raise ValueError(f"expected router keys '<i>.prob' for i = 0..N-1, got {sorted(state_dict)[:6]}...")
+            raise InputError(f"expected router keys '<i>.prob' for i = 0..N-1, got {sorted(state_dict)[:6]}...")
         n = len(rows)
         units = {v.numel() for v in rows.values()}
         if len(units) != 1:
-            raise ValueError(f"released router rows have different lengths {sorted(units)}")
+            raise InputError(f"released router rows have different lengths {sorted(units)}")
         router = cls.for_model(model, n, **kwargs) if model is not None else cls(n, units.pop(), **kwargs)
         if router.num_units != rows[0].numel():
-            raise ValueError(f"released router has {rows[0].numel()} units per step but the model has "
+            raise InputError(f"released router has {rows[0].numel()} units per step but the model has "
                              f"{router.num_units}")
         with torch.no_grad():
             for s in range(1, n):
@@ -425,7 +421,7 @@ class Router(nn.Module):
 
         path = Path(path)
         logits = self.logits.detach().float().contiguous()
-        _atomic_write(path, lambda tmp: save_file({"logits": logits}, str(tmp), metadata=self._header()))
+        atomic_save(path, lambda tmp: save_file({"logits": logits}, str(tmp), metadata=self._header()))
         return path
 
     @classmethod
@@ -435,7 +431,7 @@ class Router(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             h = f.metadata() or {}
             if h.get("format") != ROUTER_FORMAT:
-                raise ValueError(f"{path} is not a diffaccel router (format {h.get('format')!r})")
+                raise InputError(f"{path} is not a diffaccel router (format {h.get('format')!r})")
             logits = f.get_tensor("logits")
         router = cls(int(h["num_steps"]), int(h["num_units"]), model_class=h.get("model_class") or None,
                      num_blocks=int(h["num_blocks"]) if h.get("num_blocks") else None,
@@ -512,13 +508,13 @@ class _HCState:
             return
         n = self.tracker.num_steps
         if n is not None and n != self.plan.num_steps and not self.force:
-            raise ValueError(f"the scheduler runs {n} steps but the cache plan was made for {self.plan.num_steps} "
+            raise InputError(f"the scheduler runs {n} steps but the cache plan was made for {self.plan.num_steps} "
                              "steps; set num_inference_steps to the plan's step count or use a plan for this count")
         pipe = self.pipe_ref() if self.pipe_ref is not None else None
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None and self.plan.scheduler_class and not self.force \
                 and sched_name(scheduler) != self.plan.scheduler_class:
-            raise ValueError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made "
+            raise InputError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made "
                              f"for {self.plan.scheduler_class}")
 
 
@@ -551,7 +547,7 @@ class _StepHook(StatefulHook):
         st.counters.calls += 1
         if st.mode == "plan" and st.plan is not None and tracker.step >= st.plan.num_steps:
             if not st.force:
-                raise ValueError(f"step {tracker.step} of this generation is past the cache plan's "
+                raise InputError(f"step {tracker.step} of this generation is past the cache plan's "
                                  f"{st.plan.num_steps} steps; run {st.plan.num_steps} steps or use a matching plan")
         st.active = True
         try:
@@ -632,17 +628,17 @@ def check_plan(plan: CachePlan, model: Any) -> None:
     blocks = num_blocks(transformer)
     n_units = len(unit_modules(transformer))
     if plan.model_class is not None and plan.model_class != cls:
-        raise ValueError(f"the cache plan was made for {plan.model_class} but the model is {cls}")
+        raise InputError(f"the cache plan was made for {plan.model_class} but the model is {cls}")
     if plan.units is not None and tuple(plan.units) != units:
-        raise ValueError(f"the cache plan's units are {plan.units} but {cls} uses {units}")
+        raise InputError(f"the cache plan's units are {plan.units} but {cls} uses {units}")
     if plan.num_blocks is not None and plan.num_blocks != blocks:
-        raise ValueError(f"the cache plan was made for {plan.num_blocks} transformer blocks but the model has {blocks}")
+        raise InputError(f"the cache plan was made for {plan.num_blocks} transformer blocks but the model has {blocks}")
     if plan.num_units != n_units:
-        raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {n_units} "
+        raise InputError(f"the cache plan has {plan.num_units} unit columns but the model has {n_units} "
                          f"units ({blocks} blocks, units {units})")
     scheduler = getattr(model, "scheduler", None)
     if scheduler is not None and plan.scheduler_class and sched_name(scheduler) != plan.scheduler_class:
-        raise ValueError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made for "
+        raise InputError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made for "
                          f"{plan.scheduler_class}")
 
 
@@ -652,7 +648,7 @@ def _attach(model: Any, plan: CachePlan | None, force: bool,
     transformer = find_denoiser(model)
     units = unit_modules(transformer)
     if has_hook(transformer, STEP_HOOK):
-        raise ValueError("a cache plan or router is already attached to this transformer; call remove_cache_plan "
+        raise InputError("a cache plan or router is already attached to this transformer; call remove_cache_plan "
                          "first")
     if timesteps_callback is None and pipe is not None:
         pipe_ref = weakref.ref(pipe)
@@ -679,7 +675,7 @@ def apply_cache_plan(model: Any, plan: CachePlan | str | os.PathLike, *, force: 
         transformer = find_denoiser(model)
         n = len(unit_modules(transformer))
         if plan.num_units != n:
-            raise ValueError(f"the cache plan has {plan.num_units} unit columns but the model has {n} units")
+            raise InputError(f"the cache plan has {plan.num_units} unit columns but the model has {n} units")
     else:
         check_plan(plan, model)
     _attach(model, plan, force, timesteps_callback)
@@ -692,7 +688,7 @@ def attach_router(model: Any, router: Router | None = None, *, threshold: float 
     `remove_cache_plan`."""
     transformer = find_denoiser(model)
     if router is not None and router.num_units != len(unit_modules(transformer)):
-        raise ValueError(f"the router has {router.num_units} units but the model has "
+        raise InputError(f"the router has {router.num_units} units but the model has "
                          f"{len(unit_modules(transformer))}")
     state = _attach(transformer, None, True, None)
     state.threshold = threshold
@@ -708,7 +704,7 @@ def remove_cache_plan(model: Any) -> None:
 def _state(model: Any) -> _HCState:
     hook = get_hook(find_denoiser(model), STEP_HOOK)
     if hook is None:
-        raise ValueError("no cache plan is attached to this model")
+        raise InputError("no cache plan is attached to this model")
     return hook.state
 
 
@@ -762,7 +758,7 @@ def unit_flops(transformer: nn.Module, **inputs: Any) -> tuple[int, list[int]]:
 def plan_flops_ratio(plan: CachePlan, total: int, per_unit: Sequence[int]) -> float:
     """Theoretical speed-up N * F / Σ_s (F - Σ_{u reused at s} F_u) of a plan given `unit_flops`' numbers."""
     if len(per_unit) != plan.num_units:
-        raise ValueError(f"{len(per_unit)} unit FLOP counts for a plan with {plan.num_units} units")
+        raise InputError(f"{len(per_unit)} unit FLOP counts for a plan with {plan.num_units} units")
     saved = (~plan.mask).double() @ torch.tensor(per_unit, dtype=torch.float64)
     cost = plan.num_steps * total - float(saved.sum())
     return math.inf if cost <= 0 else plan.num_steps * total / cost

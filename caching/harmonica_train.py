@@ -46,8 +46,10 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
 from ..core.families import DiTFamily, family_class
-from .harmonica import DEFAULT_THRESHOLD, CachePlan, Router, _atomic_write, attach_router, remove_cache_plan
+from ..core.files import atomic_save
+from .harmonica import DEFAULT_THRESHOLD, CachePlan, Router, attach_router, remove_cache_plan
 
 
 @dataclass
@@ -72,17 +74,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.lambda_mode not in ("released", "paper"):
-            raise ValueError(f"lambda_mode must be 'released' or 'paper', got {self.lambda_mode!r}")
+            raise InputError(f"lambda_mode must be 'released' or 'paper', got {self.lambda_mode!r}")
         for name in ("num_steps", "trajectories", "batch_size", "lambda_every", "num_classes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "num_steps" else 1):
-                raise ValueError(f"{name} must be an int >= {2 if name == 'num_steps' else 1}, got {v!r}")
+                raise InputError(f"{name} must be an int >= {2 if name == 'num_steps' else 1}, got {v!r}")
         if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+            raise InputError(f"beta must be a finite number >= 0, got {self.beta}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise InputError(f"lr must be > 0, got {self.lr}")
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+            raise InputError(f"threshold must be in (0, 1), got {self.threshold}")
 
 
 @dataclass
@@ -100,8 +102,8 @@ class DiTSampler:
 
     def __init__(self, pipe: Any, num_steps: int, guidance_scale: float) -> None:
         if family_class(pipe) is not DiTFamily:
-            raise TypeError(f"router training supports DiTPipeline (class-conditional DiT), got "
-                            f"{type(pipe).__name__} with denoiser {type(getattr(pipe, 'transformer', None)).__name__}")
+            raise InputError(f"router training supports DiTPipeline (class-conditional DiT), got "
+                             f"{type(pipe).__name__} with denoiser {type(getattr(pipe, 'transformer', None)).__name__}")
         self.family = DiTFamily(pipe)
         self.pipe = pipe
         self.transformer = pipe.transformer
@@ -111,7 +113,7 @@ class DiTSampler:
         self.scheduler.set_timesteps(num_steps)
         self.timesteps = self.scheduler.timesteps
         if len(self.timesteps) != num_steps:
-            raise ValueError(f"{type(self.scheduler).__name__} gives {len(self.timesteps)} timesteps for "
+            raise InputError(f"{type(self.scheduler).__name__} gives {len(self.timesteps)} timesteps for "
                              f"num_inference_steps={num_steps}")
         cfg = self.transformer.config
         self.channels, self.size = cfg.in_channels, cfg.sample_size
@@ -173,12 +175,12 @@ def image_error_proxy(sampler: DiTSampler, state: Any, router: Router, x: torch.
             forced = generate(sampler, state, x, labels, lambda k, s=s: scores[k] if k >= 1 and k != s else None)
             lam[s] = _per_sample_mse(full, forced)
     else:
-        raise ValueError(f"lambda mode must be 'released' or 'paper', got {mode!r}")
+        raise InputError(f"lambda mode must be 'released' or 'paper', got {mode!r}")
     return lam
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
 
 def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLike | None = None,
@@ -204,14 +206,14 @@ def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLik
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume:
         if ckpt is None or not ckpt.exists():
-            raise FileNotFoundError(f"--resume given but no checkpoint at {ckpt}")
+            raise InputError(f"--resume given but no checkpoint at {ckpt}")
         payload = torch.load(ckpt, weights_only=False)
         defaults = dataclasses.asdict(TrainConfig())  # keys added after a checkpoint was written take the default
         saved = {k: payload["config"].get(k, defaults[k]) for k in defaults if k != "trajectories"}
         mine = {k: v for k, v in dataclasses.asdict(config).items() if k != "trajectories"}
         if saved != mine:
             diff = {k: (saved.get(k), mine.get(k)) for k in mine if saved.get(k) != mine.get(k)}
-            raise ValueError(f"checkpoint {ckpt} was made with other settings (checkpoint, now): {diff}")
+            raise InputError(f"checkpoint {ckpt} was made with other settings (checkpoint, now): {diff}")
         router.load_state_dict(payload["router"])
         opt.load_state_dict(payload["optimizer"])
         start, history, lam = payload["trajectory"], payload["history"], payload["lambdas"]
@@ -323,4 +325,4 @@ def write_card(path: Path, result: TrainResult, config: TrainConfig, command: st
             "last_loss": result.history[-1]["loss"] if result.history else None,
             "machine": f"{os.uname().machine} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
             **(extra or {})}
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))
+    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(card, indent=1) + "\n"))

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
+
 # The reference default for Stable Diffusion with 50 DDIM steps, in execution order. In the paper's countdown
 # numbering (50 ... 1) these are steps {50, 49, 48, 47, 45, 40, 35, 25, 15}.
 SD50_KEY_STEPS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)
@@ -41,20 +43,20 @@ class KeyStepSchedule:
         """Raise `ValueError` when the schedule cannot serve an N-step generation."""
         if num_steps is None:
             if self.needs_num_steps:
-                raise ValueError(
+                raise InputError(
                     f"key-step schedule {self.name!r} depends on the number of steps, which is unknown: apply encoder "
                     "propagation to a pipeline (or pass timesteps_callback) so the hook can read the scheduler"
                 )
             return
         if num_steps < 1:
-            raise ValueError(f"number of steps must be >= 1, got {num_steps}")
+            raise InputError(f"number of steps must be >= 1, got {num_steps}")
         if self.num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(
+            raise InputError(
                 f"key-step schedule {self.name!r} is defined for {self.num_steps} steps only, got {num_steps}; use "
                 f"'sd50-scaled' (diffaccel heuristic) or 'uniform-k' for other step counts"
             )
         if self.explicit is not None and self.explicit[-1] >= num_steps:
-            raise ValueError(
+            raise InputError(
                 f"key steps {list(self.explicit)} are out of range for a {num_steps}-step generation "
                 f"(valid indices 0..{num_steps - 1})"
             )
@@ -83,17 +85,17 @@ def explicit(steps: Iterable[int], name: str | None = None) -> KeyStepSchedule:
     """A schedule from an explicit list of key steps; it must contain step 0 and no negative or repeated entries."""
     values = list(steps)
     if not values:
-        raise ValueError("key-step list is empty; it must contain step 0")
+        raise InputError("key-step list is empty; it must contain step 0")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"key steps must be ints (execution-order indices), got {v!r}")
     if min(values) < 0:
-        raise ValueError(f"key steps must be >= 0, got {sorted(values)}")
+        raise InputError(f"key steps must be >= 0, got {sorted(values)}")
     if len(set(values)) != len(values):
-        raise ValueError(f"key steps contain duplicates: {sorted(values)}")
+        raise InputError(f"key steps contain duplicates: {sorted(values)}")
     ordered = tuple(sorted(values))
     if ordered[0] != 0:
-        raise ValueError(
+        raise InputError(
             f"key-step list must start at step 0 (the first step has nothing cached), got {list(ordered)}"
         )
     members = frozenset(ordered)
@@ -121,7 +123,7 @@ def sd50_scaled() -> KeyStepSchedule:
 def uniform(k: int) -> KeyStepSchedule:
     """Every k-th step is a key step (`s % k == 0`); the reference suggests k = 4 for fine-tuned SD checkpoints."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"uniform(k) needs an int k >= 1, got {k!r}")
+        raise InputError(f"uniform(k) needs an int k >= 1, got {k!r}")
     return KeyStepSchedule(f"uniform-{k}", lambda s, n: s % k == 0)
 
 
@@ -181,7 +183,7 @@ def get_schedule(spec: KeyStepSchedule | str | Sequence[int] | Callable[[int, in
             return NAMED[spec]()
         if spec.startswith("uniform-") and spec[len("uniform-"):].isdigit():
             return uniform(int(spec[len("uniform-"):]))
-        raise ValueError(f"unknown key-step schedule {spec!r}; valid: {', '.join(NAMED)}, uniform-<k>")
+        raise InputError(f"unknown key-step schedule {spec!r}; valid: {', '.join(NAMED)}, uniform-<k>")
     if callable(spec):
         return custom(spec)
     if isinstance(spec, (list, tuple, set, frozenset, range)):
@@ -247,7 +249,7 @@ def schedule_from_drift(drift: torch.Tensor, num_key_steps: int, name: str | Non
     step at or before s; exact by dynamic programming, O(K N^2)."""
     n = drift.shape[0]
     if not 1 <= num_key_steps <= n:
-        raise ValueError(f"num_key_steps must be in 1..{n}, got {num_key_steps}")
+        raise InputError(f"num_key_steps must be in 1..{n}, got {num_key_steps}")
     d = torch.nan_to_num(drift.double(), nan=0.0)
     # seg[k][e]: cost of the non-key steps k+1 .. e-1 reusing key step k (e = next key step or N)
     csum = torch.cumsum(d, dim=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -26,19 +28,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
+        raise InputError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but CUDA is not available on this machine; use 'cpu'")
+            raise InputError(f"device {str(device)!r} requested but CUDA is not available on this machine; use 'cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise InputError(
                 f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
     elif dev.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"device {str(device)!r} requested but MPS is not available on this machine")
+            raise InputError(f"device {str(device)!r} requested but MPS is not available on this machine")
     elif dev.type != "cpu":
-        raise ValueError(f"unsupported device type {dev.type!r}: expected cpu, cuda or mps")
+        raise InputError(f"unsupported device type {dev.type!r}: expected cpu, cuda or mps")
     return dev
 
 
@@ -51,8 +53,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = 
     else:
         key = str(dtype).lower().replace("torch.", "")
         if key not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: expected one of {sorted(set(_DTYPES))}")
+            raise InputError(f"unknown dtype {dtype!r}: expected one of {sorted(set(_DTYPES))}")
         out = _DTYPES[key]
     if torch.device(device).type == "cpu" and out == torch.float16:
-        raise ValueError("float16 is not supported on CPU here; use float32 or bfloat16 on CPU, float16 on CUDA")
+        raise InputError("float16 is not supported on CPU here; use float32 or bfloat16 on CPU, float16 on CUDA")
     return out

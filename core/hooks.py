@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .errors import InputError
 from .families import find_denoiser
 
 TimestepsCallback = Callable[[], Sequence[float] | torch.Tensor]
@@ -138,7 +139,7 @@ def first_timestep(timestep: Any) -> float:
     """The timestep of a denoiser call as a Python float (first element of a tensor or sequence)."""
     if isinstance(timestep, torch.Tensor):
         if timestep.numel() == 0:
-            raise ValueError("empty timestep tensor")
+            raise InputError("empty timestep tensor")
         return float(timestep.reshape(-1)[0].item())
     if isinstance(timestep, (list, tuple)):
         return float(timestep[0])

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
+
 
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work so a wall-clock reading covers it (a no-op on CPU)."""
@@ -41,7 +43,7 @@ def measure(
 ) -> TimingResult:
     """Call `fn` `warmup` times untimed, then `repeats` times timed with synchronisation around each call."""
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise InputError(f"repeats must be >= 1, got {repeats}")
     for _ in range(max(0, warmup)):
         fn()
     out = TimingResult()

@@ -30,16 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import sys
 
-    from .pairs import PairsError
-    from .teachers import TeacherError
-    from .train import DistillInputError, main, normalize_args
+    from .train import main, normalize_args
 
     args.stage = args.distill_stage
-    try:
-        main(normalize_args(args))
-    except (DistillInputError, PairsError, TeacherError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    main(normalize_args(args))
     return 0

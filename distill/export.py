@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..core.errors import InputError
+from ..core.files import atomic_save
 
 
 def _stage_record(folder: Path) -> dict:
@@ -33,47 +34,49 @@ def _stage_record(folder: Path) -> dict:
         return {"stage": "pairs", "command": run.get("command"), "seed": cfg["seed"],
                 "threads": run.get("threads"), "wall_seconds": run.get("seconds"), "num_pairs": cfg["num_pairs"],
                 "teacher": cfg["teacher"], "guidance_scale": cfg["guidance_scale"], "config_hash": m["config_hash"]}
-    raise FileNotFoundError(f"{folder} is neither a distill output (distill_card.json) nor a pairs folder")
+    raise InputError(f"{folder} is neither a distill output (distill_card.json) nor a pairs folder")
 
 
 def export(src: str | Path, name: str, chain: list[str], quality: dict | None = None,
            out_root: str | Path | None = None) -> Path:
     from ..zoo.paths import weights_dir
+    from ..zoo.registry import record_digests
     from .pipeline import RectifiedFlowPipeline
 
     src = Path(src)
     out_root = Path(out_root) if out_root else weights_dir()
     pipe = RectifiedFlowPipeline.from_pretrained(str(src), local_files_only=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_root))
-    pipe.to(torch.float16).save_pretrained(tmp)
-    for cfg_file in tmp.rglob("*.json"):  # from_pretrained records where a component came from: not ours to ship
-        cfg = json.loads(cfg_file.read_text())
-        if isinstance(cfg, dict) and {cfg.pop("_name_or_path", None), cfg.pop("name_or_path", None)} != {None}:
-            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    stages = [_stage_record(Path(c)) for c in chain]
-    n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
-    card = {"name": name, "command": " && ".join(s["command"] or f"(stage {s['stage']})" for s in stages),
-            "stages": stages, "train_seconds": round(sum(s.get("train_seconds") or s.get("wall_seconds") or 0
-                                                          for s in stages), 1),
-            "machine": stages[-1].get("machine", ""), "parameters": n_params, "quality": quality or {}}
-    (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-    lines = [f"# {name}", "", "Part of the diffaccel model zoo: made from `digits-sd` by the distillation chain below "
-             "(diffaccel.distill; InstaFlow-style reflow then one-step distillation). Weights: safetensors stored "
-             "as float16, loaded as float32. Load with `diffaccel.zoo.load(\"" + name + "\")` "
-             "(a `RectifiedFlowPipeline`).", "", f"- parameters (all components): {n_params:,}", ""]
-    for s in stages:
-        secs = s.get("train_seconds") or s.get("wall_seconds")
-        lines.append(f"- {s['stage']}: `{s['command']}` (seed {s['seed']}, threads {s['threads']}, "
-                     f"{secs} s wall" + (f", {s['steps']} steps, final loss {s['final_loss']:.4f}" if "steps" in s
-                                          else f", {s['num_pairs']} pairs") + ")")
-    if quality:
-        lines += ["", f"- quality: `{json.dumps(quality)}`"]
-    (tmp / "README.md").write_text("\n".join(lines) + "\n")
-    final = out_root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+
+    def write(tmp: Path) -> None:
+        pipe.to(torch.float16).save_pretrained(tmp)
+        for cfg_file in tmp.rglob("*.json"):  # from_pretrained records where a component came from: not ours to ship
+            cfg = json.loads(cfg_file.read_text())
+            if isinstance(cfg, dict) and {cfg.pop("_name_or_path", None), cfg.pop("name_or_path", None)} != {None}:
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        stages = [_stage_record(Path(c)) for c in chain]
+        n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+        card = {"name": name, "command": " && ".join(s["command"] or f"(stage {s['stage']})" for s in stages),
+                "stages": stages, "train_seconds": round(sum(s.get("train_seconds") or s.get("wall_seconds") or 0
+                                                              for s in stages), 1),
+                "machine": stages[-1].get("machine", ""), "parameters": n_params, "quality": quality or {}}
+        (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        lines = [f"# {name}", "", "Part of the diffaccel model zoo: made from `digits-sd` by the distillation chain "
+                 "below "
+                 "(diffaccel.distill; InstaFlow-style reflow then one-step distillation). Weights: safetensors stored "
+                 "as float16, loaded as float32. Load with `diffaccel.zoo.load(\"" + name + "\")` "
+                 "(a `RectifiedFlowPipeline`).", "", f"- parameters (all components): {n_params:,}", ""]
+        for s in stages:
+            secs = s.get("train_seconds") or s.get("wall_seconds")
+            lines.append(f"- {s['stage']}: `{s['command']}` (seed {s['seed']}, threads {s['threads']}, "
+                         f"{secs} s wall" + (f", {s['steps']} steps, final loss {s['final_loss']:.4f}" if "steps" in s
+                                              else f", {s['num_pairs']} pairs") + ")")
+        if quality:
+            lines += ["", f"- quality: `{json.dumps(quality)}`"]
+        (tmp / "README.md").write_text("\n".join(lines) + "\n")
+
+    path = atomic_save(out_root / name, write, directory=True)
+    record_digests(path)  # the card records every file's SHA-256; `zoo.load` verifies them
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import InputError
+
 UNET_TIME_SCALE = 1000.0
 TIME_SAMPLERS = ("uniform", "logit-normal")
 ONE_STEP_LOSSES = ("l2", "features", "features+l2", "huber")
@@ -29,11 +31,11 @@ def rf_time_to_unet_timestep(s: torch.Tensor | float) -> torch.Tensor:
 def rf_interpolate(z0: torch.Tensor, z1: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
     """z_s = s·z1 + (1 − s)·z0 with `s` a scalar or one value per batch row (Liu et al. 2022, Eq. 1)."""
     if z0.shape != z1.shape:
-        raise ValueError(f"z0 and z1 must have the same shape, got z0 {tuple(z0.shape)} and z1 {tuple(z1.shape)}")
+        raise InputError(f"z0 and z1 must have the same shape, got z0 {tuple(z0.shape)} and z1 {tuple(z1.shape)}")
     s = torch.as_tensor(s, dtype=z0.dtype, device=z0.device)
     if s.ndim == 1:
         if s.shape[0] != z0.shape[0]:
-            raise ValueError(f"s has {s.shape[0]} values but the batch has {z0.shape[0]} rows")
+            raise InputError(f"s has {s.shape[0]} values but the batch has {z0.shape[0]} rows")
         s = s.view(-1, *([1] * (z0.ndim - 1)))
     return s * z1 + (1.0 - s) * z0
 
@@ -42,9 +44,9 @@ def sample_time(n: int, *, time_sampler: str = "uniform", eps: float = 1e-3,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """`n` RF times in [eps, 1): uniform (the reference), or logit-normal (an ablation, Esser et al. 2024)."""
     if time_sampler not in TIME_SAMPLERS:
-        raise ValueError(f"time_sampler must be one of {TIME_SAMPLERS}, got {time_sampler!r}")
+        raise InputError(f"time_sampler must be one of {TIME_SAMPLERS}, got {time_sampler!r}")
     if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps must be in [0, 1), got {eps}")
+        raise InputError(f"eps must be in [0, 1), got {eps}")
     if time_sampler == "uniform":
         u = torch.rand(n, generator=generator)
     else:
@@ -100,7 +102,7 @@ def one_step_distill_loss(student: Callable, z0: torch.Tensor, z1_target: torch.
     latent → image and `features` image → (N, d) (the zoo's digits-features network); `features+l2`: their sum.
     The target branch carries no graph."""
     if loss not in ONE_STEP_LOSSES:
-        raise ValueError(f"loss must be one of {ONE_STEP_LOSSES}, got {loss!r}")
+        raise InputError(f"loss must be one of {ONE_STEP_LOSSES}, got {loss!r}")
     z1_target = z1_target.detach()
     pred = one_step_prediction(student, z0, cond)
     total = pred.new_zeros((), dtype=torch.float32)
@@ -111,7 +113,7 @@ def one_step_distill_loss(student: Callable, z0: torch.Tensor, z1_target: torch.
         total = total + (torch.sqrt(d2 + huber_c**2) - huber_c).mean()
     if loss in ("features", "features+l2"):
         if decode is None or features is None:
-            raise ValueError(f"loss {loss!r} needs both `decode` (latent -> image) and `features` (image -> vector)")
+            raise InputError(f"loss {loss!r} needs both `decode` (latent -> image) and `features` (image -> vector)")
         with torch.no_grad():
             f_target = features(decode(z1_target)).float()
         f_pred = features(decode(pred)).float()

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
+from ..core.files import atomic_write_bytes, atomic_write_text, sha256_file
+
 FORMAT = "diffaccel-reflow-pairs/1"
 MANIFEST = "manifest.json"
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-class PairsError(ValueError):
+class PairsError(InputError):
     """A pairs folder cannot be used: another config, incomplete, or a corrupt/truncated shard (named)."""
 
 
@@ -60,25 +63,8 @@ def pair_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> torch
                         for i in indices])
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def config_hash(config: dict) -> str:
@@ -172,7 +158,7 @@ class PairWriter:
                    "index": torch.tensor(idx, dtype=torch.int64), "seed": torch.tensor(seeds, dtype=torch.int64)}
         data = save(tensors, metadata={"config_hash": self.hash})
         shard = self.root / f"shard-{j:05d}.safetensors"
-        _atomic_write_bytes(shard, data)
+        atomic_write_bytes(shard, data)
         test_hook(f"pairs:shard{j}:written")
         _atomic_write_json(self.root / f"shard-{j:05d}.json",
                            {"shard": j, "file": shard.name, "sha256": hashlib.sha256(data).hexdigest(),

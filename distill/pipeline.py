@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..core.errors import InputError
 from .objectives import rf_time_to_unet_timestep
 
 
@@ -44,7 +45,7 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         if int(num_inference_steps) < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise InputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.num_inference_steps = int(num_inference_steps)
         self.s = torch.linspace(0.0, 1.0, self.num_inference_steps + 1, device=device)
         self.timesteps = rf_time_to_unet_timestep(self.s[:-1]) * (self.config.num_train_timesteps / 1000.0)
@@ -120,22 +121,22 @@ class RectifiedFlowPipeline(DiffusionPipeline):
         w must be > 0. `latents` are the noise z0 (as drawn by Stable Diffusion from the same generators)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("prompt is empty: give at least one prompt")
+            raise InputError("prompt is empty: give at least one prompt")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         k = self.config.distilled_steps
         steps = int(num_inference_steps if num_inference_steps is not None else (k or 25))
         if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+            raise InputError(f"num_inference_steps must be >= 1, got {steps}")
         if k is not None and steps > k:
             warnings.warn(f"this model was distilled for {k} step(s) and gets worse with more; asked for {steps}",
                           stacklevel=2)
         if not guidance_scale > 0:
-            raise ValueError(f"guidance_scale must be > 0 (1.0 turns guidance off), got {guidance_scale}")
+            raise InputError(f"guidance_scale must be > 0 (1.0 turns guidance off), got {guidance_scale}")
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
+            raise InputError(f"output_type must be one of pil, np, pt, latent; got {output_type!r}")
         do_cfg = guidance_scale > 1.0
         if negative_prompt is not None and not do_cfg:
-            raise ValueError("negative_prompt needs guidance_scale > 1 (it is the unconditional branch of CFG)")
+            raise InputError("negative_prompt needs guidance_scale > 1 (it is the unconditional branch of CFG)")
         device = self._execution_device
         n = len(prompts)
         cond = self.encode_prompt(prompts, device)
@@ -143,7 +144,7 @@ class RectifiedFlowPipeline(DiffusionPipeline):
             neg = negative_prompt if negative_prompt is not None else ""
             negs = [neg] * n if isinstance(neg, str) else [q for q in neg for _ in range(num_images_per_prompt)]
             if len(negs) != n:
-                raise ValueError(f"negative_prompt has {len(negs) // num_images_per_prompt} entries but prompt has "
+                raise InputError(f"negative_prompt has {len(negs) // num_images_per_prompt} entries but prompt has "
                                  f"{n // num_images_per_prompt}")
             cond = torch.cat([self.encode_prompt(negs, device), cond])
 
@@ -153,7 +154,7 @@ class RectifiedFlowPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} image(s) "
+            raise InputError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {n} image(s) "
                              f"at {height}x{width}")
         latents = latents.to(device, self.unet.dtype)
 

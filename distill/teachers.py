@@ -12,12 +12,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..core.errors import InputError
 from ..core.schedulers import class_name, is_stochastic
+from ..core.weights import check_finite_parameters, check_pipeline_folder
 
 SD_SOLVERS = ("ddim", "dpmsolver++")
 
 
-class TeacherError(ValueError):
+class TeacherError(InputError):
     """A teacher cannot be used: missing, of an unknown kind, or not deterministic."""
 
 
@@ -140,24 +142,33 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu"):
     if name_or_path in ENTRIES:
         try:
             return zoo_load(name_or_path, device=device)
-        except ZooError as exc:
-            raise TeacherError(f"teacher {name_or_path!r}: {exc}") from exc
+        except ZooError as exc:  # missing or damaged zoo weights stay weights errors (exit code 3)
+            raise ZooError(f"teacher {name_or_path!r}: {exc}") from exc
     path = Path(name_or_path)
     if not path.exists():
         raise TeacherError(f"teacher {name_or_path!r} not found: neither a zoo entry ({', '.join(ENTRIES)}) "
                            "nor an existing pipeline folder")
+    if not path.is_dir():
+        raise TeacherError(f"teacher {name_or_path!r} is a file; give a saved pipeline folder or a zoo entry")
+    fix = (f"re-save the teacher with `pipe.save_pretrained({str(path)!r})`, or rerun the `diffaccel distill` "
+           "stage that wrote it")
+    check_pipeline_folder(path, fix=fix)  # component by component, before any loading (exit code 3)
     kind = pipeline_kind(path)
+    safe = dict(local_files_only=True, use_safetensors=True)
     if kind == "RectifiedFlowPipeline":
         from .pipeline import RectifiedFlowPipeline
 
-        return RectifiedFlowPipeline.from_pretrained(str(path), local_files_only=True).to(device)
-    if kind == "StableDiffusionPipeline":
+        pipe = RectifiedFlowPipeline.from_pretrained(str(path), **safe)
+    elif kind == "StableDiffusionPipeline":
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, local_files_only=True).to(device)
-    raise TeacherError(f"teacher {path}: pipeline class {kind!r} is not supported "
-                       "(StableDiffusionPipeline or RectifiedFlowPipeline)")
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, **safe)
+    else:
+        raise TeacherError(f"teacher {path}: pipeline class {kind!r} is not supported "
+                           "(StableDiffusionPipeline or RectifiedFlowPipeline)")
+    check_finite_parameters(pipe, fix=fix, what=f"teacher {path}")
+    return pipe.to(device)
 
 
 def make_teacher(name_or_path: str, *, solver: str = "ddim", steps: int = 25,

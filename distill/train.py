@@ -32,6 +32,10 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import InputError
+from ..core.files import publish
+from ..core.options import batch_option, float_in, int_in, seed_option, steps_option, threads_option
+
 logger = logging.getLogger("diffaccel.distill")
 
 STAGES = ("pairs", "reflow", "one-step", "guidance")
@@ -39,7 +43,7 @@ STAGE_ALIASES = {"generate_pairs": "pairs", "distill": "one-step", "one_step": "
 RUN_FILE = "distill_run.json"
 
 
-class DistillInputError(ValueError):
+class DistillInputError(InputError):
     """Bad input to a stage (exit code 2): named, with nothing overwritten."""
 
 
@@ -63,70 +67,79 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "teacher; one-step: required, the 2-RF)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (single-process runs; accelerate decides "
                                                    "under accelerate launch)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=threads_option, default=None, help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("pairs")
     g.add_argument("--pairs_dir", default=None, help="pairs folder: written by --stage pairs, read by the others")
-    g.add_argument("--num_pairs", type=int, default=1024, help="number of couplings (default 1024)")
-    g.add_argument("--pair_shard_size", type=int, default=256, help="pairs per shard (default 256)")
-    g.add_argument("--pair_batch_size", type=int, default=64, help="teacher batch size while making pairs")
+    g.add_argument("--num_pairs", type=int_in(1, 10_000_000), default=1024, help="number of couplings (default 1024)")
+    g.add_argument("--pair_shard_size", type=int_in(1, 1_000_000), default=256, help="pairs per shard (default 256)")
+    g.add_argument("--pair_batch_size", type=batch_option, default=64, help="teacher batch size while making pairs")
     g.add_argument("--pair_dtype", default="fp16", choices=["fp16", "fp32"], help="storage dtype of z0/z1")
     g.add_argument("--prompts_file", default=None,
                    help="one prompt per line (default: the zoo's digit captions, 10 digits x 4 templates)")
     g.add_argument("--teacher_solver", default="ddim", choices=["ddim", "dpmsolver++", "euler"],
                    help="deterministic ODE solver of the teacher (euler for a rectified-flow teacher)")
-    g.add_argument("--teacher_steps", type=int, default=25, help="teacher solver steps (default 25)")
-    g.add_argument("--teacher_guidance_scale", type=float, default=7.5,
+    g.add_argument("--teacher_steps", type=steps_option, default=25, help="teacher solver steps (default 25)")
+    g.add_argument("--teacher_guidance_scale", type=float_in(0.0, 100.0, lo_open=True), default=7.5,
                    help="teacher CFG scale, Imagen form (1.0 = off, must be > 0; default 7.5 as the zoo baseline)")
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default=None, help="where checkpoints and the final pipeline go")
-    g.add_argument("--seed", type=int, default=0, help="global seed (pairs, batches, times, initialisation)")
-    g.add_argument("--train_batch_size", type=int, default=64, help="batch size per process and micro-step")
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (overrides epochs)")
-    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs over the pairs if no --max_train_steps")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    g.add_argument("--seed", type=seed_option, default=0, help="global seed (pairs, batches, times, initialisation)")
+    g.add_argument("--train_batch_size", type=batch_option, default=64, help="batch size per process and micro-step")
+    g.add_argument("--max_train_steps", type=int_in(1, 100_000_000), default=None,
+                   help="optimiser steps (overrides epochs)")
+    g.add_argument("--num_train_epochs", type=int_in(1, 1_000_000), default=1,
+                   help="epochs over the pairs if no --max_train_steps")
+    g.add_argument("--gradient_accumulation_steps", type=int_in(1, 10_000), default=1,
                    help="micro-batches per optimiser step")
     g.add_argument("--gradient_checkpointing", action="store_true", help="UNet gradient checkpointing (less memory)")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--learning_rate", type=float_in(0.0, 10.0, lo_open=True), default=1e-4,
+                   help="AdamW learning rate (default 1e-4)")
     g.add_argument("--scale_lr", action="store_true", help="lr x accumulation x batch size x processes")
     g.add_argument("--lr_scheduler", default="constant",
                    help="diffusers.optimization.get_scheduler name: constant, constant_with_warmup, cosine, linear ...")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up optimiser steps of the lr scheduler")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument("--lr_warmup_steps", type=int_in(0, 100_000_000), default=0,
+                   help="warm-up optimiser steps of the lr scheduler")
+    g.add_argument("--adam_beta1", type=float_in(0.0, 1.0, hi_open=True), default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float_in(0.0, 1.0, hi_open=True), default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_weight_decay", type=float_in(0.0, 10.0), default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=float_in(0.0, 1.0, lo_open=True), default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=float_in(0.0), default=1.0, help="gradient clipping norm (0: off)")
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
                    help="autocast for the student; trainable weights stay fp32")
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--use_ema", action="store_true", help="keep an EMA of the student; the saved model is the EMA")
-    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay per optimiser step")
-    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+    g.add_argument("--ema_decay", type=float_in(0.0, 1.0, hi_open=True), default=0.999,
+                   help="EMA decay per optimiser step")
+    g.add_argument("--proportion_empty_prompts", type=float_in(0.0, 1.0), default=0.0,
                    help="share of prompts replaced by '' (keeps an unconditional branch for CFG)")
     g.add_argument("--time_sampler", default="uniform", choices=["uniform", "logit-normal"], help="reflow times s")
-    g.add_argument("--time_eps", type=float, default=1e-3, help="reflow s ~ U(eps, 1)")
+    g.add_argument("--time_eps", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=1e-3,
+                   help="reflow s ~ U(eps, 1)")
     g.add_argument("--loss_type", default="l2", choices=["l2", "features", "features+l2", "huber"],
                    help="one-step loss: latent L2, or squared distance of digits-features embeddings of the decoded "
                         "images (our offline stand-in for LPIPS), their sum, or pseudo-Huber")
-    g.add_argument("--huber_c", type=float, default=1e-3, help="c of the pseudo-Huber loss")
-    g.add_argument("--distill_k", type=int, default=1, help="steps of the distilled student (1 = one-step)")
-    g.add_argument("--lora_rank", type=int, default=8, help="guidance stage: LoRA rank")
+    g.add_argument("--huber_c", type=float_in(0.0, lo_open=True), default=1e-3, help="c of the pseudo-Huber loss")
+    g.add_argument("--distill_k", type=int_in(1, 1000), default=1, help="steps of the distilled student (1 = one-step)")
+    g.add_argument("--lora_rank", type=int_in(1, 4096), default=8, help="guidance stage: LoRA rank")
     g.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0",
                    help="guidance stage: comma-separated module names that get LoRA adapters")
-    g.add_argument("--guidance_scale", type=float, default=None,
+    g.add_argument("--guidance_scale", type=float_in(0.0, 100.0, lo_open=True), default=None,
                    help="guidance stage: fixed CFG scale w to distil (Imagen form); default: the pairs' teacher scale "
                         "for an ε-model base, 1.5 for a rectified-flow base (InstaFlow)")
     g = p.add_argument_group("checkpoints, logging, validation")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
+    g.add_argument("--checkpointing_steps", type=int_in(1, 100_000_000), default=500,
                    help="save accelerate state to checkpoint-<step> every N optimiser steps")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
+    g.add_argument("--checkpoints_total_limit", type=int_in(1, 100_000), default=None,
+                   help="keep at most this many checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-<step> folder or 'latest'")
-    g.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0: only at the end)")
+    g.add_argument("--validation_steps", type=int_in(0, 100_000_000), default=0,
+                   help="validate every N steps (0: only at the end)")
     g.add_argument("--validation_prompts", nargs="*", default=None, help="default: one caption per digit")
     g.add_argument("--report_to", default="none", help="accelerate trackers: none, tensorboard, wandb, all")
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir")
     g.add_argument("--tracker_project_name", default="diffaccel-distill", help="accelerate tracker run name")
-    g.add_argument("--log_every", type=int, default=25, help="print the loss every N steps on stderr")
+    g.add_argument("--log_every", type=int_in(1, 100_000_000), default=25,
+                   help="print the loss every N steps on stderr")
     return p
 
 
@@ -536,7 +549,7 @@ def save_checkpoint(accelerator, out: Path, step: int, limit: int | None) -> Non
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.replace(tmp, out / f"checkpoint-{step}")
+        publish(tmp, out / f"checkpoint-{step}")
         logger.info("saved checkpoint-%d", step)
 
 
@@ -646,19 +659,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> dict:
 
 
 def cli_entry(argv: list[str] | None = None) -> int:
-    from ..zoo.registry import ZooError
-    from .pairs import PairsError
-    from .teachers import TeacherError
+    """`python -m diffaccel.distill.train`: errors become one line and their exit code (core/errors.py)."""
+    from ..core.errors import run_command
 
-    try:
-        main(argv)
-    except (DistillInputError, PairsError, TeacherError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ZooError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_command(lambda: main(argv), debug=bool(os.environ.get("DIFFACCEL_DEBUG")))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import EvalInputError, FeatureExtractorWeightsInvalid, FeatureExtractorWeightsNotFound
+from ..core.files import check_output_path
+from ..core.options import batch_option, images_option, int_in, seed_option, steps_option, threads_option
+from .errors import EvalInputError
 from .images import RESIZE_MODES
-
-_EXPECTED_ERRORS = (EvalInputError, FeatureExtractorWeightsNotFound, FeatureExtractorWeightsInvalid)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,9 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="digits (zoo digits-features, offline default), inception (needs the FID Inception "
                         "weights), clip (zoo digits-clip) or clip:<folder>")
     p.add_argument("--resize", default="clean", choices=RESIZE_MODES, help="resize mode (default clean)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=batch_option, default=64, help="images per extractor call (default 64)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default 0)")
+    p.add_argument("--num-workers", type=int_in(0, 256), default=0, help="image decoding worker processes (default 0)")
     p.add_argument("--recursive", action="store_true", help="also search sub-folders for images")
     p.add_argument("--save-stats", type=Path, default=None, metavar="OUT.npz",
                    help="write the statistics of PATH_A to OUT.npz (atomically, after success)")
@@ -47,10 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing --save-stats file")
     p.add_argument("--kid", action="store_true", help="also compute KID (needs features: folders, or .npz files "
                                                       "saved with --save-features)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0, help="seed of the KID subsets")
+    p.add_argument("--kid-subsets", type=int_in(1, 100_000), default=100)
+    p.add_argument("--kid-subset-size", type=int_in(2, 10_000_000), default=1000)
+    p.add_argument("--seed", type=seed_option, default=0, help="seed of the KID subsets")
     p.add_argument("--fid-method", default="eigh", choices=("eigh", "sqrtm", "eigvals"))
+    p.add_argument("--assume-extractor", default=None, metavar="NAME",
+                   help="an .npz without metadata (pytorch-fid, clean-fid) was made by this extractor (digits, "
+                        "inception, or a full extractor name); without it such files are refused")
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="path of pt_inception-2015-12-05-6726825d.pth (else $DIFFACCEL_INCEPTION_WEIGHTS, caches)")
     p.add_argument("--clip-model", default="digits-clip",
@@ -69,15 +73,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--suite", default="baseline", help="suite name (see --list; default baseline)")
     b.add_argument("--config", action="append", default=None, metavar="NAME",
                    help="run only the configurations whose name starts with NAME (repeatable)")
-    b.add_argument("-n", "--num-images", type=int, default=200)
-    b.add_argument("--steps", type=int, default=None, help="sampling steps (default: the suite's)")
-    b.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default min(n, 50))")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("-n", "--num-images", type=images_option, default=200)
+    b.add_argument("--steps", type=steps_option, default=None, help="sampling steps (default: the suite's)")
+    b.add_argument("--batch-size", type=batch_option, default=None,
+                   help="images per pipeline call (default min(n, 50))")
+    b.add_argument("--seed", type=seed_option, default=0)
     b.add_argument("--reference", default=None, metavar="NAME",
                    help="pair every configuration with configuration NAME (same seeds): adds PSNR, SSIM and "
                         "feature distance against its images (default: the suite's own pairing, if any)")
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting call (a plain warm-up instead)")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--threads", type=threads_option, default=None, help="torch CPU threads")
     b.add_argument("--list", action="store_true", help="list the suites and their configurations, then exit")
     b.add_argument("--json", action="store_true", help="print {'results': [...]} as JSON on stdout")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -93,8 +98,8 @@ def _is_npz(path: str) -> bool:
     return Path(path).suffix.lower() == ".npz"
 
 
-def _one_line_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn the evals' expected errors into `error: <message>` on stderr and their exit code (2 or 3)."""
+def _quiet_libraries(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """With --quiet, silence transformers' and diffusers' logging and progress bars for this command."""
 
     @functools.wraps(run)
     def command(args: argparse.Namespace) -> int:
@@ -105,16 +110,12 @@ def _one_line_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argp
             for lib in (hf_logging, diffusers_logging):
                 lib.set_verbosity_error()
                 lib.disable_progress_bar()
-        try:
-            return run(args)
-        except _EXPECTED_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        return run(args)
 
     return command
 
 
-@_one_line_errors
+@_quiet_libraries
 def cmd_fid(args) -> int:
     from ..core import resolve_device
     from .extractors import load_extractor
@@ -127,13 +128,10 @@ def cmd_fid(args) -> int:
     if args.save_stats is not None:
         if _is_npz(args.path_a):
             raise EvalInputError(f"--save-stats writes the statistics of a folder; PATH_A {args.path_a} is an .npz")
-        if args.save_stats.exists() and not args.force:
-            raise EvalInputError(f"{args.save_stats} exists; refusing to overwrite it (use --force)")
         if args.save_stats.suffix != ".npz":
-            raise EvalInputError(f"{args.save_stats}: statistics files must end in .npz")
-    for flag in ("batch_size", "kid_subsets", "kid_subset_size"):
-        if getattr(args, flag) < 1:
-            raise EvalInputError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise EvalInputError(f"--save-stats {args.save_stats}: statistics files must end in .npz")
+        check_output_path(args.save_stats, force=args.force, option="--save-stats")  # before any computing
+    assumed = _assumed_extractor(args.assume_extractor, args.clip_model)
     inputs = [("a", args.path_a)] + ([("b", args.path_b)] if args.path_b is not None else [])
     for _, path in inputs:
         if _is_npz(path) and not Path(path).is_file():
@@ -149,7 +147,7 @@ def cmd_fid(args) -> int:
         stats, info = {}, {}
         for tag, path in inputs:
             if _is_npz(path):
-                stats[tag] = load_stats(path)
+                stats[tag] = load_stats(path, assume_extractor=assumed)
                 info[tag] = {"kind": "npz", "path": str(path), "n": stats[tag].n}
                 _log(args, f"[fid] {tag}: {path}: statistics of {stats[tag].n} images ({stats[tag].extractor})")
                 continue
@@ -182,13 +180,17 @@ def cmd_fid(args) -> int:
                 k = kid(stats["a"].feats, stats["b"].feats, subsets=args.kid_subsets,
                         subset_size=args.kid_subset_size, seed=args.seed)
                 result.update(kid_mean=k.mean, kid_std=k.std, kid_subsets=k.subsets, kid_subset_size=k.subset_size)
+        save_error: OSError | None = None
         if args.save_stats is not None:
             a = stats["a"]
             if not args.save_features:
                 a.feats = None
-            save_stats(args.save_stats, a, force=args.force)
-            _log(args, f"[fid] statistics of {args.path_a} written to {args.save_stats}")
-            result["saved_stats"] = str(args.save_stats)
+            try:
+                save_stats(args.save_stats, a, force=args.force)
+                _log(args, f"[fid] statistics of {args.path_a} written to {args.save_stats}")
+                result["saved_stats"] = str(args.save_stats)
+            except OSError as exc:  # the disk changed under us: report what was computed, then fail
+                save_error = exc
     caught.extend(str(r.message) for r in records)
     for msg in caught:
         _log(args, f"warning: {msg}")
@@ -197,19 +199,40 @@ def cmd_fid(args) -> int:
     result.update(extractor=ref.extractor, extractor_sha256=ref.extractor_sha256, dims=ref.dims, resize=ref.resize,
                   n_a=stats["a"].n, n_b=stats["b"].n if "b" in stats else None, fid_method=args.fid_method,
                   inputs=info, seed=args.seed, elapsed_s=round(time.perf_counter() - t0, 3), warnings=caught)
+    for key in ("fid", "kid_mean", "kid_std"):
+        if key in result and not math.isfinite(result[key]):  # JSON has no Infinity/NaN: say so, report null
+            result["warnings"].append(f"{key} is {result[key]} (not finite); reported as null")
+            _log(args, f"warning: {key} is {result[key]} (not finite)")
+            result[key] = None
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     elif "fid" in result:
-        line = (f"FID: {result['fid']:.4f} (n_a={result['n_a']}, n_b={result['n_b']}, extractor={result['extractor']}, "
-                f"resize={result['resize']})")
+        line = (f"FID: {_num(result['fid'], 4)} (n_a={result['n_a']}, n_b={result['n_b']}, "
+                f"extractor={result['extractor']}, resize={result['resize']})")
         if "kid_mean" in result:
-            line += (f"\nKID: {result['kid_mean']:.6f} +- {result['kid_std']:.6f} "
+            line += (f"\nKID: {_num(result['kid_mean'], 6)} +- {_num(result['kid_std'], 6)} "
                      f"(subsets of {result['kid_subset_size']})")
         print(line)
+    if save_error is not None:
+        raise EvalInputError(f"--save-stats: could not write {args.save_stats} ({save_error.strerror or save_error}); "
+                             "the result above is complete")
     return 0
 
 
-@_one_line_errors
+def _num(v: float | None, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _assumed_extractor(name: str | None, clip_model: str) -> str | None:
+    """`--assume-extractor`: a short name (digits, inception, clip) -> the extractor's recorded name."""
+    if not name:
+        return None
+    from .extractors import extractor_name
+
+    return extractor_name(name, clip_model)
+
+
+@_quiet_libraries
 def cmd_bench(args) -> int:
     import torch
 

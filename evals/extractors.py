@@ -22,6 +22,8 @@ from .errors import EvalInputError, FeatureExtractorWeightsNotFound
 from .images import check_resize_mode, prepare_images
 
 EXTRACTORS = ("digits", "inception", "clip")
+DIGITS_NAME = "domain:digits-features"
+INCEPTION_NAME = "inception-tf-2015-12-05:pool3"
 
 
 def _folder_sha256(folder: Path) -> str:
@@ -94,7 +96,7 @@ class DigitsExtractor(FeatureExtractor):
         self.model.requires_grad_(False)
         self.num_features = int(self.model.num_features)
         self.native_size = int(self.model.config.image_size)
-        self.name = "domain:digits-features"
+        self.name = DIGITS_NAME
         self.sha256 = _folder_sha256(entry_path("digits-features")) if model is None else ""
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +127,7 @@ class InceptionExtractor(FeatureExtractor):
             model, self.sha256 = load_fid_inception(weights, check_digest=check_digest)
         self.model = model.requires_grad_(False)
         self.num_features = FEATURE_DIMS
-        self.name = "inception-tf-2015-12-05:pool3"
+        self.name = INCEPTION_NAME
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x / 127.5 - 1.0 if self.resize == "legacy-pytorch" else (x - 128.0) / 128.0
@@ -202,3 +204,18 @@ def load_extractor(name: str = "digits", *, resize: str = "clean", device: str |
     else:
         raise EvalInputError(f"unknown extractor {name!r}; expected one of {', '.join(EXTRACTORS)} or clip:<folder>")
     return ext.to(device)
+
+
+def extractor_name(name: str, clip_model: str | Path = "digits-clip") -> str:
+    """The name an extractor records in its statistics, from a short name (digits, inception, clip, clip:<folder>)
+    or a recorded name itself; nothing is loaded."""
+    if name == "digits":
+        return DIGITS_NAME
+    if name == "inception":
+        return INCEPTION_NAME
+    if name == "clip" or (name.startswith("clip:") and "/" in name):
+        return f"clip:{Path(name.split(':', 1)[1] if ':' in name else clip_model).name}"
+    if name in (DIGITS_NAME, INCEPTION_NAME) or name.startswith("clip:"):
+        return name
+    raise EvalInputError(f"--assume-extractor {name!r} is not an extractor; expected digits, inception, clip, "
+                         "clip:<folder> or a recorded name such as " + INCEPTION_NAME)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..core.errors import InputError
 from .errors import EvalInputError
 
 METHODS = ("eigh", "sqrtm", "eigvals")
@@ -26,17 +27,39 @@ def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, tag: str) -> tuple[np.nda
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1:
-        raise ValueError(f"mu{tag} must be 1-D, got shape {mu.shape}")
+        raise InputError(f"mu{tag} must be 1-D, got shape {mu.shape}")
     if sigma.ndim != 2 or sigma.shape[0] != sigma.shape[1]:
-        raise ValueError(f"sigma{tag} must be a square 2-D matrix, got shape {sigma.shape}")
+        raise InputError(f"sigma{tag} must be a square 2-D matrix, got shape {sigma.shape}")
     if sigma.shape[0] != mu.shape[0]:
-        raise ValueError(f"sigma{tag} is {sigma.shape} but mu{tag} has {mu.shape[0]} entries")
+        raise InputError(f"sigma{tag} is {sigma.shape} but mu{tag} has {mu.shape[0]} entries")
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise ValueError(f"mu{tag}/sigma{tag} contain NaN or infinite values")
+        raise InputError(f"mu{tag}/sigma{tag} contain NaN or infinite values")
     scale = max(float(np.abs(sigma).max()), 1e-300)
     if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
-        raise ValueError(f"sigma{tag} is not symmetric (to 1e-6 relative)")
-    return mu, (sigma + sigma.T) / 2
+        raise InputError(f"sigma{tag} is not symmetric (to 1e-6 relative)")
+    sigma = (sigma + sigma.T) / 2
+    check_psd(sigma, f"sigma{tag}")
+    return mu, sigma
+
+
+def check_psd(sigma: np.ndarray, what: str) -> None:
+    """Refuse a covariance that is not positive semi-definite beyond round-off (`InputError` naming `what`).
+
+    A Cholesky factorisation of ``Σ + τI`` exists iff the smallest eigenvalue exceeds −τ. τ covers an
+    eigensolver's error on a d x d matrix, ~d·eps64·‖Σ‖ (Golub & Van Loan §8.1), plus a covariance stored in
+    float32, ~eps32·‖Σ‖; ‖Σ‖ is bounded by its largest diagonal entry for a PSD matrix.
+    """
+    d = sigma.shape[0]
+    top = float(np.max(np.diag(sigma))) if d else 0.0
+    tau = 4 * (d * np.finfo(np.float64).eps + np.finfo(np.float32).eps) * max(top, 0.0)
+    try:
+        if top < 0 or (top == 0 and np.any(sigma)):
+            raise np.linalg.LinAlgError
+        np.linalg.cholesky(sigma + (tau or np.finfo(np.float64).tiny) * np.eye(d))
+    except np.linalg.LinAlgError:
+        w = np.linalg.eigvalsh(sigma)
+        raise InputError(f"{what} is not a covariance matrix: it is not positive semi-definite (smallest "
+                         f"eigenvalue {w[0]:.3g}, largest {w[-1]:.3g})") from None
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -63,10 +86,10 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "ei
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if np.iscomplexobj(covmean):
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(Sigma1 Sigma2)")
+                raise InputError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm(Sigma1 Sigma2)")
             covmean = covmean.real
         return float(np.trace(covmean))
-    raise ValueError(f"unknown Fréchet method {method!r}; expected one of {METHODS}")
+    raise InputError(f"unknown Fréchet method {method!r}; expected one of {METHODS}")
 
 
 def frechet_distance(
@@ -80,15 +103,21 @@ def frechet_distance(
         Real and PSD throughout, robust for rank-deficient covariances.
       - "sqrtm": pytorch-fid's `calculate_frechet_distance` (scipy sqrtm, eps retry, 1e-3 imaginary check).
       - "eigvals": the torchmetrics / torch-fidelity form, sum of Re sqrt(eig(Sigma1 Sigma2)).
-    The value is never clamped: identical inputs can give tiny negative numbers (floating-point noise).
+    Covariances that are not positive semi-definite are refused (`check_psd`), so a distance below 0 can only be
+    round-off (identical inputs): it is returned as 0.0 with a `UserWarning` that says so.
     """
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "1")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "2")
     if mu1.shape != mu2.shape:
-        raise ValueError(f"feature dimensions differ: mu1 has {mu1.shape[0]}, mu2 has {mu2.shape[0]}")
+        raise InputError(f"feature dimensions differ: mu1 has {mu1.shape[0]}, mu2 has {mu2.shape[0]}")
     diff = mu1 - mu2
     tr = trace_sqrt_product(sigma1, sigma2, method, eps)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr)
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr)
+    if value < 0:  # both covariances are PSD (checked above): a negative distance is round-off, never information
+        warnings.warn(f"FID {value:.3g} is below 0 by floating-point round-off (identical or near-identical "
+                      "statistics); reported as 0", UserWarning, stacklevel=2)
+        value = 0.0
+    return value
 
 
 @dataclass
@@ -111,11 +140,11 @@ class FeatureStats:
     def update(self, features: torch.Tensor | np.ndarray) -> None:
         f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         if f.ndim != 2:
-            raise ValueError(f"features must be (N, d), got shape {f.shape}")
+            raise InputError(f"features must be (N, d), got shape {f.shape}")
         if self.dims is None:
             self.dims = int(f.shape[1])
         if f.shape[1] != self.dims:
-            raise ValueError(f"features have {f.shape[1]} dims, expected {self.dims}")
+            raise InputError(f"features have {f.shape[1]} dims, expected {self.dims}")
         if f.shape[0] == 0:
             return
         if not np.all(np.isfinite(f)):

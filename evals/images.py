@@ -17,6 +17,7 @@ to the extractor's native size on its own by the stated mode (a warning lists th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,13 +128,31 @@ def find_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     return images
 
 
-def decode_image(path: Path) -> torch.Tensor:
-    """One image file -> uint8 (C, H, W), C = 1 for greyscale files and 3 otherwise."""
+#: largest image decoded (width x height): a header claiming more is refused before its pixels are read
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def decode_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """One image file -> uint8 (C, H, W), C = 1 for greyscale files and 3 otherwise.
+
+    16-bit and float files are scaled to 8 bits (`diffaccel.core.images.to_8bit`). A file whose header claims more
+    than `max_pixels` pixels is refused before decoding (a decompression bomb), naming the file.
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
-            return pil_to_tensor(im)[0]
-    except (OSError, ValueError, SyntaxError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise EvalInputError(f"{path}: image is {w}x{h} pixels, more than the limit of {max_pixels} "
+                                         "(8192x8192); refusing to decode it")
+                im.load()
+                return pil_to_tensor(im)[0]
+    except EvalInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise EvalInputError(f"{path}: refusing to decode a possible decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # also InputError from to_8bit
         raise EvalInputError(f"{path}: cannot decode image ({exc})") from exc
 
 

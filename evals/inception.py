@@ -11,7 +11,6 @@ locally (`find_inception_weights`) or the caller gets `FeatureExtractorWeightsNo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.files import sha256_file
 from .errors import FeatureExtractorWeightsInvalid, FeatureExtractorWeightsNotFound
 
 WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
@@ -235,19 +235,11 @@ def find_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
     )
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_fid_inception(path: str | os.PathLike | None = None, *, check_digest: bool = True
                        ) -> tuple[FIDInceptionV3, str]:
     """Build the network and load the standard weights strictly; returns (model, sha256 of the file)."""
     file = find_inception_weights(path)
-    digest = file_sha256(file)
+    digest = sha256_file(file)
     if check_digest and not digest.startswith(DIGEST_PREFIX):
         raise FeatureExtractorWeightsInvalid(
             f"inception: {file} has sha256 {digest[:16]}..., expected a digest starting with {DIGEST_PREFIX} "

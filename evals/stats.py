@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.errors import InputError
+from ..core.files import atomic_save
 from .errors import EvalInputError, StatsMismatchError
-from .frechet import FeatureStats
-
-UNKNOWN_EXTRACTOR = "unknown (assumed inception-tf pool3)"
+from .frechet import FeatureStats, check_psd
 
 
 @dataclass
@@ -50,10 +49,11 @@ class ReferenceStats:
 
 
 def check_compatible(a: ReferenceStats, b: ReferenceStats) -> None:
-    """Refuse to compare statistics made with a different extractor, dims or resize mode."""
+    """Refuse to compare statistics made with a different extractor, dims or resize mode (an unknown resize mode,
+    as in statistics from other tools, is not compared)."""
     for key in ("extractor", "dims", "resize"):
         va, vb = getattr(a, key), getattr(b, key)
-        if UNKNOWN_EXTRACTOR in (a.extractor, b.extractor) and key != "dims":
+        if key == "resize" and "" in (va, vb):
             continue
         if va != vb:
             raise StatsMismatchError(f"statistics differ in {key}: {va!r} vs {vb!r}; recompute one side with the "
@@ -83,22 +83,31 @@ def save_stats(path: str | os.PathLike, stats: ReferenceStats, *, force: bool = 
     }
     if stats.feats is not None:
         arrays["feats"] = np.asarray(stats.feats, np.float32)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=f".{path.stem}-", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: numpy would append ".npz" to a bare temporary name
+            np.savez_compressed(fh, **arrays)
+
+    return atomic_save(path, write)
 
 
-def load_stats(path: str | os.PathLike) -> ReferenceStats:
-    """Read an `.npz` written by `save_stats`, pytorch-fid or clean-fid; wrong keys or shapes raise EvalInputError."""
+def load_stats(path: str | os.PathLike, assume_extractor: str | None = None) -> ReferenceStats:
+    """Read an `.npz` written by `save_stats`, pytorch-fid or clean-fid; wrong keys or shapes raise EvalInputError.
+
+    A file without diffaccel's metadata (pytorch-fid, clean-fid) does not say which network made it: it is refused
+    unless `assume_extractor` names that network (an extractor name such as ``inception-tf-2015-12-05:pool3``);
+    its resize mode is then unknown and not compared. A covariance that is not positive semi-definite is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{path}: no such statistics file")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise EvalInputError(f"{path}: is a single .npy array, not an .npz of statistics (mu, sigma)")
+    if not magic.startswith(b"PK"):
+        kind = "a text file" if magic and all(32 <= c < 127 or c in (9, 10, 13) for c in magic) else "not a zip archive"
+        raise EvalInputError(f"{path}: is {kind}, not an .npz of statistics (an .npz is a zip archive, as written "
+                             "by numpy.savez or `diffaccel fid --save-stats`)")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
@@ -119,10 +128,20 @@ def load_stats(path: str | os.PathLike) -> ReferenceStats:
     if "dims" in data and int(data["dims"]) != d:
         raise EvalInputError(f"{path}: dims={int(data['dims'])} but mu has {d} entries")
     if "extractor" not in data:
-        warnings.warn(f"{path}: no metadata; assuming pytorch-fid statistics (Inception pool3)", stacklevel=2)
+        if not assume_extractor:
+            raise EvalInputError(f"{path}: has no extractor metadata (statistics from another tool?), so it cannot "
+                                 "be checked against this run's features; if you know which network made it, pass "
+                                 "--assume-extractor NAME (e.g. inception for pytorch-fid's Inception pool3)")
+        warnings.warn(f"{path}: no metadata; assuming extractor {assume_extractor} as told (--assume-extractor)",
+                      stacklevel=2)
+    if not np.isfinite(sigma).all() or not np.isfinite(mu).all():
+        raise EvalInputError(f"{path}: mu/sigma contain NaN or infinite values")
+    try:
+        check_psd((sigma + sigma.T).astype(np.float64) / 2, f"{path}: sigma")
+    except InputError as exc:
+        raise EvalInputError(str(exc)) from None
     n = int(data["n"]) if "n" in data else (int(feats.shape[0]) if feats is not None else 0)
     return ReferenceStats(
         mu=mu.astype(np.float64), sigma=sigma.astype(np.float64), n=n,
-        extractor=str(data.get("extractor", UNKNOWN_EXTRACTOR)), dims=d,
-        resize=str(data.get("resize", "legacy-pytorch" if "extractor" not in data else "")),
+        extractor=str(data.get("extractor", assume_extractor)), dims=d, resize=str(data.get("resize", "")),
         extractor_sha256=str(data.get("extractor_sha256", "")), source=str(data.get("source", "")), feats=feats)

@@ -15,26 +15,30 @@ import sys
 import time
 from pathlib import Path
 
-from .config import GN_MODES, MODES, CommunicationError, PatchParallelConfig, PatchParallelError
+from ..core.options import MAX_STEPS, float_in, int_in, seed_option, steps_option
+from .config import GN_MODES, MODES, PatchParallelConfig, PatchParallelError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="random-sd", help="zoo pipeline (SD-style, DiT or PixArt; default random-sd)")
     p.add_argument("--mode", default="displaced", choices=[*MODES, "distrifusion"], help="default displaced")
-    p.add_argument("--warmup-steps", type=int, default=4, help="synchronous model calls after call 0 (default 4)")
-    p.add_argument("--pcpp-fraction", type=float, default=0.3, help="neighbour rows attended in pcpp mode")
+    p.add_argument("--warmup-steps", type=int_in(0, MAX_STEPS), default=4,
+                   help="synchronous model calls after call 0 (default 4)")
+    p.add_argument("--pcpp-fraction", type=float_in(0.0, 1.0), default=0.3, help="neighbour rows attended in pcpp mode")
     p.add_argument("--gn-mode", default="corrected", choices=GN_MODES, help="GroupNorm statistics in displaced calls")
     p.add_argument("--halo-transport", default="p2p", choices=["p2p", "allgather"])
     p.add_argument("--cfg-parallel", action="store_true", help="run the two CFG branches on two rank groups")
     p.add_argument("--prompt", default="a handwritten digit seven")
-    p.add_argument("--class-label", type=int, default=7, help="class for DiT pipelines")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-label", type=int_in(0), default=7, help="class for DiT pipelines")
+    p.add_argument("--steps", type=steps_option, default=20)
+    p.add_argument("--guidance", type=float_in(0.0, 100.0), default=5.0)
+    p.add_argument("--height", type=int_in(8, 16384), default=None,
+                   help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int_in(8, 16384), default=None)
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--dtype", default="fp32")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a silent rank is reported")
+    p.add_argument("--timeout", type=float_in(0.0, 86400.0, lo_open=True), default=300.0,
+                   help="seconds before a silent rank is reported")
     p.add_argument("--out", type=Path, default=Path("outputs/parallel.png"), help="image written by rank 0")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_parallel)
@@ -118,18 +122,17 @@ def cmd_parallel(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffaccel.parallel", description=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`torchrun ... -m diffaccel.parallel`: errors become one line and their exit code (core/errors.py)."""
+    from ..core.errors import run_command
+    from ..core.options import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m diffaccel.parallel", description=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except CommunicationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # PatchParallelError and the zoo's / core's bad-input errors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return run_command(lambda: args.func(args), debug=args.debug)
     finally:
         import torch.distributed as dist
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..core.errors import InputError
 from .config import CommunicationError
 
 KINDS = ("attn_kv", "conv_halo", "gn_stats", "output", "other")
@@ -168,7 +169,7 @@ class Communicator:
         global _instances
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != n * branches:
-            raise ValueError(f"world size {self.world} != {n} ranks per branch x {branches} branches")
+            raise InputError(f"world size {self.world} != {n} ranks per branch x {branches} branches")
         self.n, self.branches, self.timeout_s, self.meter = n, branches, timeout_s, meter
         self.branch, self.r = divmod(self.rank, n)
         self.patch_ranks = list(range(self.branch * n, (self.branch + 1) * n))

@@ -6,17 +6,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..core.errors import DiffaccelError, InputError
+
 MODES = ("sync", "displaced", "pcpp", "naive")
 MODE_ALIASES = {"distrifusion": "displaced", "exact": "sync"}
 GN_MODES = ("sync", "corrected", "substitute", "stale", "local")
 HALO_TRANSPORTS = ("p2p", "allgather")
 
 
-class PatchParallelError(ValueError):
+class PatchParallelError(InputError):
     """A configuration, model or input that patch parallelism cannot run (raised on every rank alike)."""
 
 
-class CommunicationError(RuntimeError):
+class CommunicationError(DiffaccelError, RuntimeError):
     """A collective or point-to-point transfer failed or timed out; the message names the unresponsive rank(s)."""
 
 

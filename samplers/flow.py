@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..core.errors import InputError
+
 #: diffusers schedulers that integrate a flow-matching model
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 #: options of FlowMatchEulerDiscreteScheduler that fix its sigma grid (passed through unchanged)
@@ -46,7 +48,7 @@ def is_flow_scheduler(scheduler) -> bool:
 def require_vp(scheduler, method: str) -> None:
     """Refuse a flow-matching scheduler in a method that assumes a variance-preserving (DDPM-type) schedule."""
     if is_flow_scheduler(scheduler):
-        raise ValueError(
+        raise InputError(
             f"{method} assumes a variance-preserving diffusion schedule (x_t = sqrt(a) x0 + sqrt(1 - a) eps, with "
             f"alphas_cumprod), but the pipeline's {type(getattr(scheduler, 'base', scheduler)).__name__} is a "
             "flow-matching scheduler (x = (1 - sigma) x0 + sigma eps, velocity prediction); it has no "

@@ -44,6 +44,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from ..core.errors import InputError
 from .flow import flow_base_scheduler, flow_transfer, is_flow_config
 from .transfer import FINAL, GRID_SPACINGS, epsilon_from_v, make_betas, make_grid, transfer, work_dtype
 
@@ -69,10 +70,12 @@ _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 2
 
 def canonical_method(method: str) -> str:
     """`"f_pndm"`, `"F-PNDM"` and `"plms"` all name F-PNDM; unknown names raise `ValueError`."""
+    if not isinstance(method, str):
+        raise InputError(f"method must be a name (str), got {method!r}; choose one of {', '.join(METHODS)}")
     m = method.lower().replace("_", "-")
     m = _ALIASES.get(m, m)
     if m not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return m
 
 
@@ -159,7 +162,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
     ):
         self._method = canonical_method(method)
         if prediction_type not in ("epsilon", "v_prediction", "flow_prediction"):
-            raise ValueError(
+            raise InputError(
                 f"prediction_type={prediction_type!r} is not supported by PseudoNumericalScheduler; "
                 "it must be 'epsilon', 'v_prediction' or 'flow_prediction'"
             )
@@ -167,9 +170,11 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         # flow matching: FlowMatchEulerDiscreteScheduler with our sigma options makes every sigma grid
         self._flow_grid = flow_base_scheduler(dict(self.config)) if self._flow else None
         if timestep_spacing not in GRID_SPACINGS:
-            raise ValueError(f"timestep_spacing={timestep_spacing!r} is not supported; choose one of {GRID_SPACINGS}")
-        if alpha_index_shift not in (0, 1):
-            raise ValueError(f"alpha_index_shift must be 0 or 1, got {alpha_index_shift}")
+            raise InputError(f"timestep_spacing={timestep_spacing!r} is not supported; choose one of {GRID_SPACINGS}")
+        if alpha_index_shift not in (0, 1) or isinstance(alpha_index_shift, bool):
+            raise InputError(f"alpha_index_shift must be 0 or 1, got {alpha_index_shift!r}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise InputError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
         self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -213,7 +218,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at entry `begin_index` of `timesteps` (img2img). Only `ddim` can start mid-trajectory."""
         if begin_index != 0 and self._method != "ddim":
-            raise ValueError(
+            raise InputError(
                 f"method={self._method!r} keeps a warm-up/multistep history and cannot start at timesteps index "
                 f"{begin_index}; use method='ddim' for img2img-style partial trajectories"
             )
@@ -245,29 +250,29 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
             self._set_flow_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
             return
         if sigmas is not None or mu is not None:
-            raise ValueError("`sigmas` and `mu` are flow-matching arguments; this scheduler has a VP config "
+            raise InputError("`sigmas` and `mu` are flow-matching arguments; this scheduler has a VP config "
                              f"(prediction_type={self.config.prediction_type!r})")
         cfg = self.config
         big_t = cfg.num_train_timesteps
         if timesteps is not None:
             grid = np.asarray(timesteps, dtype=np.int64)
             if grid.ndim != 1 or len(grid) == 0 or (len(grid) > 1 and not np.all(np.diff(grid) < 0)):
-                raise ValueError("custom `timesteps` must be a non-empty, strictly decreasing list of ints")
+                raise InputError("custom `timesteps` must be a non-empty, strictly decreasing list of ints")
             if grid[-1] < 0:
-                raise ValueError("custom `timesteps` must be >= 0")
+                raise InputError("custom `timesteps` must be >= 0")
             num_inference_steps = len(grid)
         else:
             if num_inference_steps is None:
-                raise ValueError("pass `num_inference_steps` or `timesteps`")
+                raise InputError("pass `num_inference_steps` or `timesteps`")
             num_inference_steps = int(num_inference_steps)
             if not 1 <= num_inference_steps <= big_t:
-                raise ValueError(
+                raise InputError(
                     f"num_inference_steps={num_inference_steps} must be between 1 and num_train_timesteps={big_t}"
                 )
             grid = make_grid(cfg.timestep_spacing, num_inference_steps, big_t, cfg.steps_offset)
         limit = big_t - 1 - cfg.alpha_index_shift
         if grid[0] > limit:
-            raise ValueError(
+            raise InputError(
                 f"the grid starts at t={int(grid[0])} but with steps_offset={cfg.steps_offset} and "
                 f"alpha_index_shift={cfg.alpha_index_shift} model times must be <= {limit} "
                 f"(num_train_timesteps={big_t}); use fewer steps or a smaller offset"
@@ -290,7 +295,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
     def _build_plan(self, num_inference_steps: int, grid: np.ndarray) -> None:
         need = MIN_TRANSITIONS[self._method]
         if len(grid) < need:
-            raise ValueError(
+            raise InputError(
                 f"method={self._method!r} needs at least {need} transitions (num_inference_steps >= {need}); "
                 f"got {len(grid)}"
             )
@@ -343,7 +348,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
     def set_target_times(self, target_times: torch.Tensor | None) -> None:
         """Per-sample target times for the transition about to start (Time-Shift "target" mode, spec §2.5)."""
         if self._method == "fon" and not self._flow and target_times is not None:
-            raise ValueError("method='fon' uses a linear transfer; Time-Shift target shifting is not defined for it")
+            raise InputError("method='fon' uses a linear transfer; Time-Shift target shifting is not defined for it")
         self._target_times = target_times
         self._target_times_for = self._plan[self._counter].k if self._counter < len(self._plan) else None
 
@@ -363,16 +368,16 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         """One model evaluation's worth of update. Extra pipeline kwargs (eta, generator, ...) are ignored:
         every PNDM-family method is deterministic."""
         if self.num_inference_steps is None:
-            raise ValueError("call `set_timesteps` before `step`")
+            raise InputError("call `set_timesteps` before `step`")
         if self._counter >= len(self._plan):
-            raise ValueError(
+            raise InputError(
                 f"step() called {self._counter + 1} times but this trajectory has {len(self._plan)} model "
                 "evaluations; call `set_timesteps` again to start a new one"
             )
         ev = self._plan[self._counter]
         expected = float(self.timesteps[self._counter])
         if abs(float(timestep) - expected) > (1e-3 if self._flow else 0.0):
-            raise ValueError(
+            raise InputError(
                 f"step() got timestep {float(timestep):g} but entry {self._counter} of `timesteps` is {expected:g}; "
                 "multistep/multi-stage methods must be stepped through `timesteps` in order"
             )

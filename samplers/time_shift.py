@@ -39,6 +39,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from ..core.errors import InputError
 from .flow import is_flow_scheduler, select_shift_flow
 from .pndm import PseudoNumericalScheduler
 from .transfer import transfer, transfer_coefficients
@@ -79,11 +80,21 @@ def select_shift(
     return cand[((var[:, None] - levels[None, :]) ** 2).argmin(dim=1)]
 
 
+def _levels_by_time(base: SchedulerMixin) -> torch.Tensor:
+    """``alphas_cumprod`` indexed by the model time a step lands on: a PNDM base with ``alpha_index_shift = 1``
+    (the original PNDM code, spec §1.5) sits at level ``A[τ + 1]`` for time τ, so its table starts one later and
+    the last reachable time is ``T − 2``."""
+    acp = base.alphas_cumprod
+    if isinstance(base, PseudoNumericalScheduler):
+        return acp[int(base.config.alpha_index_shift):]
+    return acp
+
+
 def _resolve_class(name: str) -> type:
     if name == "PseudoNumericalScheduler":
         return PseudoNumericalScheduler
     if name not in SUPPORTED_BASES:
-        raise ValueError(
+        raise InputError(
             f"TimeShiftScheduler cannot wrap {name!r}; supported base schedulers: {', '.join(SUPPORTED_BASES)}"
         )
     return getattr(importlib.import_module("diffusers"), name)
@@ -97,7 +108,7 @@ def _infer_class_name(cfg: dict[str, Any]) -> str:
     params = {n: set(inspect.signature(_resolve_class(n).__init__).parameters) - {"self"} for n in SUPPORTED_BASES}
     hits = sorted((n for n in SUPPORTED_BASES if params[n] <= keys), key=lambda n: -len(params[n]))
     if not hits or (len(hits) > 1 and len(params[hits[0]]) == len(params[hits[1]])):
-        raise ValueError(
+        raise InputError(
             "cannot tell which scheduler this config belongs to; pass base_class=<one of "
             f"{', '.join(SUPPORTED_BASES)}> or use TimeShiftScheduler.wrap(scheduler, ...)"
         )
@@ -148,19 +159,27 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int | None = None,
     ):
         if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
+            raise InputError(f"window must be >= 0, got {window}")
         if halfwidth_rule not in ("floor_half", "full"):
-            raise ValueError(f"halfwidth_rule must be 'floor_half' or 'full', got {halfwidth_rule!r}")
+            raise InputError(f"halfwidth_rule must be 'floor_half' or 'full', got {halfwidth_rule!r}")
         if variance_source not in ("sample", "model_output"):
-            raise ValueError(f"variance_source must be 'sample' or 'model_output', got {variance_source!r}")
+            raise InputError(f"variance_source must be 'sample' or 'model_output', got {variance_source!r}")
         base_cls = _resolve_class(base_class)
         self.base = base_cls.from_config(dict(base_config or {}))
         self._check_base(self.base)
         # Mirror the base's T in our own config: pipelines and hooks read `scheduler.config.num_train_timesteps`.
         base_t = int(self.base.config.num_train_timesteps)
         if num_train_timesteps is not None and int(num_train_timesteps) != base_t:
-            raise ValueError(f"num_train_timesteps={num_train_timesteps} disagrees with the base scheduler's "
+            raise InputError(f"num_train_timesteps={num_train_timesteps} disagrees with the base scheduler's "
                              f"{base_t}; leave it unset (it is copied from the base)")
+        for name, v in (("window", window), ("cutoff", cutoff)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InputError(f"{name} must be an integer (a number of training time steps), got {v!r}")
+        if window > base_t:  # a search window wider than the whole schedule can land anywhere: not a time shift
+            raise InputError(f"window must be in [0, num_train_timesteps = {base_t}], got {window}")
+        if not 0 <= cutoff <= base_t:
+            raise InputError(f"cutoff must be in [0, num_train_timesteps = {base_t}] (shift only while the target "
+                             f"time is above it; >= {base_t - 1} turns Time-Shift off), got {cutoff}")
         self.register_to_config(num_train_timesteps=base_t)
         self._k = 0  # transitions completed (generic bases: one step() call each)
         self.last_shift: torch.Tensor | None = None  # per-sample target times chosen at the latest step
@@ -169,16 +188,16 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
     def _check_base(base: SchedulerMixin) -> None:
         name = type(base).__name__
         if name not in SUPPORTED_BASES:
-            raise ValueError(f"TimeShiftScheduler cannot wrap {name}; supported: {', '.join(SUPPORTED_BASES)}")
+            raise InputError(f"TimeShiftScheduler cannot wrap {name}; supported: {', '.join(SUPPORTED_BASES)}")
         if is_flow_scheduler(base):
             if name not in ("FlowMatchEulerDiscreteScheduler", "PseudoNumericalScheduler", *_SIGMA_BASES[:2]):
-                raise ValueError(f"TimeShiftScheduler has no flow-matching rule for {name}")
+                raise InputError(f"TimeShiftScheduler has no flow-matching rule for {name}")
             if base.config.get("stochastic_sampling", False):
-                raise ValueError("TimeShiftScheduler needs a deterministic flow sampler (stochastic_sampling=False)")
+                raise InputError("TimeShiftScheduler needs a deterministic flow sampler (stochastic_sampling=False)")
             return
         pred = base.config.get("prediction_type", "epsilon")
         if pred not in ("epsilon", "v_prediction"):
-            raise ValueError(f"TimeShiftScheduler needs an epsilon or v_prediction base, got prediction_type={pred!r}")
+            raise InputError(f"TimeShiftScheduler needs an epsilon or v_prediction base, got prediction_type={pred!r}")
 
     # ------------------------------------------------------------------ construction
 
@@ -258,7 +277,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
         if self.is_flow:
             return select_shift_flow(src, center, self.config.window, self.base.config.num_train_timesteps,
                                      self.config.halfwidth_rule)
-        return select_shift(src, center, self.config.window, self.base.alphas_cumprod, self.config.halfwidth_rule)
+        return select_shift(src, center, self.config.window, _levels_by_time(self.base), self.config.halfwidth_rule)
 
     def step(
         self,
@@ -395,14 +414,14 @@ def sample_time_shift_paper(
     with `k`, `x`, `t_in` after every transition.
     """
     if scheduler.is_flow:
-        raise ValueError("sample_time_shift_paper is Algorithm 3 on a variance-preserving schedule (it feeds the "
+        raise InputError("sample_time_shift_paper is Algorithm 3 on a variance-preserving schedule (it feeds the "
                          "model shifted integer times and alphas_cumprod levels); this scheduler is in flow-matching "
                          "mode: wrap it in TimeShiftScheduler instead (target shift, restated on sigma)")
     if scheduler.method != "ddim":
-        raise ValueError("sample_time_shift_paper implements Algorithm 3 for DDIM; build the scheduler with "
+        raise InputError("sample_time_shift_paper implements Algorithm 3 for DDIM; build the scheduler with "
                          "method='ddim'")
     if coeffs not in ("shifted", "nominal"):
-        raise ValueError(f"coeffs must be 'shifted' or 'nominal', got {coeffs!r}")
+        raise InputError(f"coeffs must be 'shifted' or 'nominal', got {coeffs!r}")
     scheduler.set_timesteps(num_inference_steps, device=x.device)
     grid = scheduler.grid
     t_in = torch.full((x.shape[0],), int(grid[0]), dtype=torch.int64)
@@ -418,7 +437,7 @@ def sample_time_shift_paper(
         if callback is not None:
             callback({"k": k, "x": x, "t_in": t_in})
         if window > 0 and int(t) > cutoff and tgt >= 0:
-            t_in = select_shift(x, tgt, window, scheduler.alphas_cumprod, halfwidth_rule)
+            t_in = select_shift(x, tgt, window, _levels_by_time(scheduler), halfwidth_rule)
         else:
             t_in = torch.full((x.shape[0],), max(tgt, 0), dtype=torch.int64)
     return x

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from ..core.errors import InputError
+
 GRID_SPACINGS = ("leading", "trailing", "linspace", "pndm_uniform", "quad")
 
 #: model time of the "final" level (the clean end of a trajectory); its noise level is `final_alpha_cumprod`.
@@ -24,9 +26,23 @@ def make_betas(
     beta_schedule: str,
     trained_betas: np.ndarray | list[float] | None = None,
 ) -> torch.Tensor:
-    """Training betas as float32, computed exactly as diffusers does so `alphas_cumprod` match bit for bit."""
+    """Training betas as float32, computed exactly as diffusers does so `alphas_cumprod` match bit for bit.
+
+    Refused: fewer than 2 training steps, betas outside (0, 1) (the noise levels must stay in (0, 1)).
+    """
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
+            raise InputError("trained_betas must be a 1-D list of at least 2 values, each in (0, 1)")
+        return betas
+    if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) \
+            or not 2 <= num_train_timesteps <= 1_000_000:
+        raise InputError(f"num_train_timesteps must be an integer in [2, 1000000], got {num_train_timesteps!r}")
+    for name, v in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0 < v < 1:
+            raise InputError(f"{name} must be a number in (0, 1), got {v!r}")
+    if beta_end < beta_start:
+        raise InputError(f"beta_end ({beta_end}) must be >= beta_start ({beta_start})")
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
@@ -35,7 +51,7 @@ def make_betas(
         from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 
         return betas_for_alpha_bar(num_train_timesteps)
-    raise ValueError(
+    raise InputError(
         f"beta_schedule={beta_schedule!r} is not supported; use 'linear', 'scaled_linear', 'squaredcos_cap_v2' "
         "or pass trained_betas"
     )
@@ -68,10 +84,10 @@ def make_grid(spacing: str, num_steps: int, num_train_timesteps: int, steps_offs
         else:
             grid = ((np.arange(n) * math.sqrt(0.8 * big_t) / (n - 1)) ** 2).astype(np.int64)
     else:
-        raise ValueError(f"timestep_spacing={spacing!r} is not supported; choose one of {GRID_SPACINGS}")
+        raise InputError(f"timestep_spacing={spacing!r} is not supported; choose one of {GRID_SPACINGS}")
     grid = np.ascontiguousarray(grid[::-1])
     if len(grid) > 1 and not np.all(np.diff(grid) < 0):
-        raise ValueError(
+        raise InputError(
             f"timestep_spacing={spacing!r} with num_inference_steps={num_steps} gives repeated model times "
             f"(grid not strictly decreasing); use fewer steps or another spacing"
         )

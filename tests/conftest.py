@@ -14,3 +14,13 @@ def classifier():
     from diffaccel import zoo
 
     return zoo.load("digits-features")
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """A command run in-process may set torch's thread count (`--threads`); restore it after each test, so
+    results never depend on which test ran before (float sums are blocked by thread count)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import InputError
+
 IMAGE_SIZE = 32
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
@@ -61,7 +63,7 @@ def load_split(split: str = "train", size: int = IMAGE_SIZE) -> DigitsSplit:
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split {split!r}: expected 'train', 'test' or 'all'")
+        raise InputError(f"unknown split {split!r}: expected 'train', 'test' or 'all'")
     d = load_digits()
     train, test = _split_indices()
     idx = {"train": train, "test": test, "all": np.arange(len(d.target))}[split]
@@ -83,7 +85,7 @@ def dataset_hash() -> str:
 def caption(label: int, template: int = 0) -> str:
     """The caption of a digit class: `caption(7)` -> "a handwritten digit seven"."""
     if not 0 <= int(label) <= 9:
-        raise ValueError(f"digit label must be in 0..9, got {label}")
+        raise InputError(f"digit label must be in 0..9, got {label}")
     return CAPTION_TEMPLATES[template].format(word=DIGIT_WORDS[int(label)], digit=int(label))
 
 

@@ -14,6 +14,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..core.errors import InputError
+
 
 class DigitsClassifier(ModelMixin, ConfigMixin):
     config_name = "config.json"
@@ -41,7 +43,7 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] (or float [0, 1]) NCHW with 1 or 3 channels -> float (N, 1, 32, 32) in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (N, 1|3, H, W), got {tuple(images.shape)}")
+            raise InputError(f"expected images of shape (N, 1|3, H, W), got {tuple(images.shape)}")
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.shape[1] == 3:
             x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])

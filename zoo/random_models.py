@@ -10,6 +10,8 @@ import tempfile
 
 import torch
 
+from ..core.errors import InputError
+
 SEED = 0
 
 
@@ -227,7 +229,7 @@ BUILDERS = {
 def build_random(name: str):
     """Build a `random-*` entry with weights fixed by a seed (the same tensors on every machine)."""
     if name not in BUILDERS:
-        raise KeyError(f"unknown random zoo entry {name!r}; valid: {', '.join(BUILDERS)}")
+        raise InputError(f"unknown random zoo entry {name!r}; valid: {', '.join(BUILDERS)}")
     state = torch.random.get_rng_state()
     torch.manual_seed(SEED)
     try:

@@ -9,19 +9,21 @@ from pathlib import Path
 import torch
 
 from ..core.device import resolve_device, resolve_dtype
+from ..core.errors import InputError, WeightsError
+from ..core.files import atomic_write_text
+from ..core.weights import CARD, check_finite_parameters, check_safetensors, digest_folder, verify_digests
 from .data import IMAGE_SIZE
 from .paths import weights_dir
 
 
-class ZooError(RuntimeError):
-    """A zoo entry cannot be loaded: unknown name, or missing or corrupt weight files.
+class ZooError(WeightsError):
+    """A zoo entry cannot be loaded: missing or corrupt weight files (exit code 3); the message names the fix."""
 
-    `exit_code` is what the CLI exits with: 2 for an unknown name (bad input), 3 for missing/corrupt weights.
-    """
 
-    def __init__(self, message: str, exit_code: int = 3):
-        super().__init__(message)
-        self.exit_code = exit_code
+class UnknownModelError(ZooError, InputError):
+    """A name that is not a zoo entry (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -77,26 +79,27 @@ def entry_path(name: str) -> Path:
 
 def _check_entry(name: str) -> Path:
     if name not in ENTRIES:
-        raise ZooError(f"unknown zoo model {name!r}; valid names: {', '.join(ENTRIES)}", exit_code=2)
+        raise UnknownModelError(f"unknown zoo model {name!r}; valid names: {', '.join(ENTRIES)}")
     path = entry_path(name)
     if not ENTRIES[name].trained:
         return path
-    hint = RETRAIN_HINTS.get(name, f"run `diffaccel zoo train {name}` to recreate it")
+    hint = retrain_hint(name)
     if not path.is_dir():
         raise ZooError(f"zoo model {name!r}: weight folder {path} is missing; {hint}")
-    weight_files = sorted(path.rglob("*.safetensors"))
-    if not weight_files:
-        raise ZooError(f"zoo model {name!r}: no .safetensors weight file under {path}; {hint}")
-    from safetensors import safe_open
-
-    for f in weight_files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                keys = list(fh.keys())
-                if keys:
-                    fh.get_slice(keys[-1])[:]
-        except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
-            raise ZooError(f"zoo model {name!r}: weight file {f} is corrupt ({exc}); {hint}") from exc
+    try:
+        digests = card_digests(path)
+        if digests:  # the card records every file's SHA-256: a damaged or missing file is named before loading
+            verify_digests(path, digests, fix=hint, what=f"zoo model {name!r} ({path})")
+            return path
+        weight_files = sorted(path.rglob("*.safetensors"))  # no digests recorded (a card from before they were)
+        if not weight_files:
+            raise ZooError(f"zoo model {name!r}: no .safetensors weight file under {path}; {hint}")
+        for f in weight_files:
+            check_safetensors(f, fix=hint, what=f"zoo model {name!r} ({path})")
+    except ZooError:
+        raise
+    except WeightsError as exc:
+        raise ZooError(str(exc)) from exc
     return path
 
 
@@ -109,7 +112,41 @@ def load(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype
     path = _check_entry(name)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    return load_from(name, path, dev, dt)
+    loaded = load_from(name, path, dev, dt)
+    if ENTRIES[name].trained:
+        try:
+            check_finite_parameters(loaded, fix=retrain_hint(name), what=f"zoo model {name!r}")
+        except WeightsError as exc:
+            raise ZooError(str(exc)) from exc
+    return loaded
+
+
+def retrain_hint(name: str) -> str:
+    """The command that recreates a trained entry's weights."""
+    return RETRAIN_HINTS.get(name, f"run `diffaccel zoo train {name}` to recreate it")
+
+
+def record_digests(path: str | Path) -> dict[str, str]:
+    """(Re)write `path`/card.json with the SHA-256 of every other file in the entry's folder; `load` verifies them.
+
+    Run last, after everything in the folder is written (the zoo's trainers and the distill export do).
+    """
+    path = Path(path)
+    f = path / CARD
+    card = json.loads(f.read_text()) if f.is_file() else {"name": path.name}
+    card["files"] = digest_folder(path)
+    atomic_write_text(f, json.dumps(card, indent=1) + "\n")
+    return card["files"]
+
+
+def card_digests(path: Path) -> dict[str, str]:
+    """``{file: sha256}`` recorded in an entry's card.json (empty when the card records none)."""
+    f = path / CARD
+    try:
+        files = json.loads(f.read_text()).get("files") if f.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise ZooError(f"{f} is damaged ({exc})") from exc
+    return dict(files) if isinstance(files, dict) else {}
 
 
 def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
@@ -119,7 +156,7 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
 
         model = build_random(name)
         return model.to(dev) if dt == torch.float32 else model.to(dev, dt)
-    kw = dict(dtype=dt, local_files_only=True)
+    kw = dict(dtype=dt, local_files_only=True, use_safetensors=True)
     if name == "digits-features":
         from .features import DigitsClassifier
 

@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.errors import InputError
+from ..core.files import atomic_save
 from ..core.seeding import seed_everything
 from . import architectures as arch
 from .data import CAPTION_TEMPLATES, augment_shift, caption, dataset_hash, load_split
@@ -443,75 +444,66 @@ def _save_entry(name: str, model, metrics: dict, settings: TrainSettings, second
     from . import load
     from .data import DIGIT_WORDS
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_root))
-    half = torch.float16
-    if name == "digits-features":
-        model.save_pretrained(tmp)
-    elif name == "digits-vae":
-        copy.deepcopy(model).to(half).save_pretrained(tmp)
-    elif name == "digits-clip":
-        copy.deepcopy(model).to(half).save_pretrained(tmp)
-        image_processor = CLIPImageProcessor(
-            do_resize=True, size={"shortest_edge": 32}, do_center_crop=True, crop_size={"height": 32, "width": 32},
-            do_rescale=True, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-            do_convert_rgb=True,
-        )
-        CLIPProcessor(image_processor=image_processor, tokenizer=model.tokenizer).save_pretrained(tmp)
-    elif name == "digits-ddpm":
-        DDPMPipeline(unet=copy.deepcopy(model).to(half), scheduler=sampling_scheduler("ddpm")).save_pretrained(tmp)
-    elif name == "digits-sd":
-        text = _text_encoder_from_clip(load("digits-clip"))
-        pipe = StableDiffusionPipeline(
-            vae=load("digits-vae"), text_encoder=text, tokenizer=load_tokenizer(), unet=copy.deepcopy(model),
-            scheduler=sampling_scheduler("sd"), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.to(half).save_pretrained(tmp)
-    elif name == "digits-dit":
-        id2label = {i: w for i, w in enumerate(DIGIT_WORDS)}
-        pipe = DiTPipeline(transformer=copy.deepcopy(model), vae=load("digits-vae"),
-                           scheduler=sampling_scheduler("dit"), id2label=id2label)
-        pipe.to(half).save_pretrained(tmp)
-        # DiTPipeline does not store id2label; keep it beside the pipeline so `zoo.load` can pass it back.
-        (tmp / "id2label.json").write_text(json.dumps(id2label, indent=1))
-    elif name == "digits-flux":
-        clip_tok, clip_text, t5_tok, t5 = flux_text_encoders()
-        vae = load("digits-vae")
-        vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scaling_factor + shift_factor
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**arch.flux_scheduler_config()), vae=vae,
-                            text_encoder=clip_text, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
-                            transformer=copy.deepcopy(model))
-        pipe.to(half).save_pretrained(tmp)
-    else:
-        raise KeyError(name)
-    # from_pretrained records where a component came from; that is a path of the training machine, not ours to ship.
-    for cfg_file in tmp.rglob("config.json"):
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.pop("_name_or_path", None) is not None:
-            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    card = {
-        "name": name,
-        "command": f"diffaccel zoo train {name}"
-        + ("" if settings == SETTINGS[name] else f" --iterations {settings.iterations}")
-        + ("" if torch.get_num_threads() == 2 else f" --threads {torch.get_num_threads()}"),
-        "settings": settings.__dict__,
-        "train_seconds": round(seconds, 1),
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "dataset_sha256": dataset_hash(),
-        "train_metrics": metrics,
-    }
-    (tmp / "card.json").write_text(json.dumps(card, indent=1))
-    final = out_root / name
-    if final.exists():
-        old = out_root / f".{name}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    return final
+    def write(tmp: Path) -> None:
+        half = torch.float16
+        if name == "digits-features":
+            model.save_pretrained(tmp)
+        elif name == "digits-vae":
+            copy.deepcopy(model).to(half).save_pretrained(tmp)
+        elif name == "digits-clip":
+            copy.deepcopy(model).to(half).save_pretrained(tmp)
+            image_processor = CLIPImageProcessor(
+                do_resize=True, size={"shortest_edge": 32}, do_center_crop=True, crop_size={"height": 32, "width": 32},
+                do_rescale=True, do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                do_convert_rgb=True,
+            )
+            CLIPProcessor(image_processor=image_processor, tokenizer=model.tokenizer).save_pretrained(tmp)
+        elif name == "digits-ddpm":
+            DDPMPipeline(unet=copy.deepcopy(model).to(half), scheduler=sampling_scheduler("ddpm")).save_pretrained(tmp)
+        elif name == "digits-sd":
+            text = _text_encoder_from_clip(load("digits-clip"))
+            pipe = StableDiffusionPipeline(
+                vae=load("digits-vae"), text_encoder=text, tokenizer=load_tokenizer(), unet=copy.deepcopy(model),
+                scheduler=sampling_scheduler("sd"), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.to(half).save_pretrained(tmp)
+        elif name == "digits-dit":
+            id2label = {i: w for i, w in enumerate(DIGIT_WORDS)}
+            pipe = DiTPipeline(transformer=copy.deepcopy(model), vae=load("digits-vae"),
+                               scheduler=sampling_scheduler("dit"), id2label=id2label)
+            pipe.to(half).save_pretrained(tmp)
+            # DiTPipeline does not store id2label; keep it beside the pipeline so `zoo.load` can pass it back.
+            (tmp / "id2label.json").write_text(json.dumps(id2label, indent=1))
+        elif name == "digits-flux":
+            clip_tok, clip_text, t5_tok, t5 = flux_text_encoders()
+            vae = load("digits-vae")
+            vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scaling_factor + shift_factor
+            pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**arch.flux_scheduler_config()), vae=vae,
+                                text_encoder=clip_text, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+                                transformer=copy.deepcopy(model))
+            pipe.to(half).save_pretrained(tmp)
+        else:
+            raise KeyError(name)
+        # from_pretrained records where a component came from; that is a path of the training machine, not ours to ship.
+        for cfg_file in tmp.rglob("config.json"):
+            cfg = json.loads(cfg_file.read_text())
+            if cfg.pop("_name_or_path", None) is not None:
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        card = {
+            "name": name,
+            "command": f"diffaccel zoo train {name}"
+            + ("" if settings == SETTINGS[name] else f" --iterations {settings.iterations}")
+            + ("" if torch.get_num_threads() == 2 else f" --threads {torch.get_num_threads()}"),
+            "settings": settings.__dict__,
+            "train_seconds": round(seconds, 1),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "dataset_sha256": dataset_hash(),
+            "train_metrics": metrics,
+        }
+        (tmp / "card.json").write_text(json.dumps(card, indent=1))
+
+    return atomic_save(out_root / name, write, directory=True)
 
 
 TRAINERS = {
@@ -534,8 +526,18 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
     Generators are then sampled (`quality_samples` images, 0 to skip) and scored; the result goes into the card.
     """
     if name not in TRAINERS:
-        raise KeyError(f"unknown trainable zoo entry {name!r}; trainable: {', '.join(TRAIN_ORDER)}")
+        raise InputError(f"unknown trainable zoo entry {name!r}; trainable: {', '.join(TRAIN_ORDER)}")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _train(name, iterations, out_root, quality_samples)
+    finally:  # a library call leaves the caller's thread count as it was
+        torch.set_num_threads(previous_threads)
+
+
+def _train(name: str, iterations: int | None, out_root: str | Path | None, quality_samples: int) -> Path:
+    from .registry import load_from, record_digests
+
     s = copy.copy(SETTINGS[name])
     if iterations is not None:
         s.iterations = int(iterations)
@@ -553,8 +555,7 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
                            f"saved in {rescue}") from exc
     if quality_samples and name in ("digits-sd", "digits-dit", "digits-ddpm", "digits-flux"):
         # Quality floor of what was written (float16-stored weights, loaded back as float32), into the card.
-        from .quality import DEFAULT_GUIDANCE, DEFAULT_STEPS, FLUX_TRUE_CFG, measure_quality
-        from .registry import load_from
+        from .quality import DEFAULT_STEPS, FLUX_TRUE_CFG, measure_quality
 
         pipe = load_from(name, path, torch.device("cpu"), torch.float32)
         steps = DEFAULT_STEPS.get(name, 25)
@@ -562,13 +563,15 @@ def train(name: str, iterations: int | None = None, out_root: str | Path | None 
         card_file = path / "card.json"
         card = json.loads(card_file.read_text())
         sampler = "shipped " + ("FlowMatchEulerDiscreteScheduler" if name == "digits-flux" else "DDIMScheduler (eta=0)")
-        card["quality"] = {**quality, "sampler": sampler, "guidance": DEFAULT_GUIDANCE.get(name)}
+        card["quality"] = {**quality, "sampler": sampler,
+                           "guidance": {"digits-sd": 7.5, "digits-dit": 4.0}.get(name)}
         if name == "digits-flux":  # also with true classifier-free guidance (the caption dropout trained it)
             q = measure_quality(name, n=quality_samples, steps=steps, seed=0, pipe=pipe, guidance=FLUX_TRUE_CFG)
             card["quality_true_cfg"] = {**q, "sampler": sampler,
                                         "guidance": {"true_cfg_scale": FLUX_TRUE_CFG, "negative_prompt": ""}}
         card_file.write_text(json.dumps(card, indent=1))
     write_model_card(path)
+    record_digests(path)  # last: the card records the SHA-256 of every file written above
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from ...core import count_nfe
+from ...core.errors import InputError
 from ...core.families import DiTFamily, StableDiffusionFamily, family_for, step_kwargs
 from ...core.hooks import reorder_rows
 from ...core.schedulers import class_name, is_stochastic, keeps_history
@@ -41,16 +42,19 @@ _RESAMPLE_SEED_OFFSET = 0x5EED  # resampling stream derived from the diffusion s
 class FKConfig:
     """FK steering settings; defaults are the paper's image setting (spec §7) with a textbook SMC weighting.
 
-    The resampling schedule is ``{start, start+every, …, ≤ end} ∪ {T−1}`` in step indices (or `resample_steps`).
+    The resampling schedule is ``{start, start+every, …, ≤ end} ∪ {T−1}`` (or `resample_steps`). `resample_start`,
+    `resample_every` and `resample_end` are fractions of the T steps when given as floats (the default 0.2, 0.2,
+    0.8 gives the paper's events 20, 40, 60, 80, 99 at T = 100, and 5, 10, 15, 20, 24 at T = 25) and step indices
+    when given as ints (the convention of scikit-learn's ``test_size``).
     `nan_policy="raise"` rejects a reward that returns NaN; ``"drop"`` gives such particles zero weight.
     """
 
     num_particles: int = 4
     potential: Potential = "max"
     lmbda: float = 10.0
-    resample_every: int = 20
-    resample_start: int = 20
-    resample_end: int | None = 80
+    resample_every: int | float = 0.2
+    resample_start: int | float = 0.2
+    resample_end: int | float | None = 0.8
     resample_steps: Sequence[int] | None = None
     adaptive: bool = False
     ess_threshold: float = 0.5
@@ -63,23 +67,45 @@ class FKConfig:
 
     def __post_init__(self) -> None:
         if int(self.num_particles) != self.num_particles or self.num_particles < 1:
-            raise ValueError(f"num_particles (k) must be an integer >= 1, got {self.num_particles}")
+            raise InputError(f"num_particles (k) must be an integer >= 1, got {self.num_particles}")
         if not self.lmbda >= 0:
-            raise ValueError(f"lmbda (λ) must be >= 0, got {self.lmbda}")
+            raise InputError(f"lmbda (λ) must be >= 0, got {self.lmbda}")
         if self.potential not in POTENTIALS:
-            raise ValueError(f"unknown potential {self.potential!r}; valid: {', '.join(POTENTIALS)}")
+            raise InputError(f"unknown potential {self.potential!r}; valid: {', '.join(POTENTIALS)}")
         if self.resampler not in RESAMPLERS:
-            raise ValueError(f"unknown resampler {self.resampler!r}; valid: {', '.join(RESAMPLERS)}")
+            raise InputError(f"unknown resampler {self.resampler!r}; valid: {', '.join(RESAMPLERS)}")
         if not 0 < self.ess_threshold <= 1:
-            raise ValueError(f"ess_threshold must be in (0, 1], got {self.ess_threshold}")
+            raise InputError(f"ess_threshold must be in (0, 1], got {self.ess_threshold}")
         if self.compat not in ("textbook", "reference"):
-            raise ValueError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
+            raise InputError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
         if self.nan_policy not in ("raise", "drop"):
-            raise ValueError(f"nan_policy must be 'raise' or 'drop', got {self.nan_policy!r}")
+            raise InputError(f"nan_policy must be 'raise' or 'drop', got {self.nan_policy!r}")
+        for name, lowest in (("resample_start", 0), ("resample_every", 1), ("resample_end", 0)):
+            v = getattr(self, name)
+            if v is None and name == "resample_end":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise InputError(f"{name} must be an int (step index) or a float (fraction of the steps), got {v!r}")
+            if isinstance(v, float) and not (0.0 < v <= 1.0 if name == "resample_every" else 0.0 <= v <= 1.0):
+                raise InputError(f"{name} as a fraction of the steps must be in "
+                                 f"{'(0, 1]' if name == 'resample_every' else '[0, 1]'}, got {v}")
+            if isinstance(v, int) and v < lowest:
+                raise InputError(f"{name} as a step index must be >= {lowest}, got {v}")
+
+    def window(self, num_steps: int) -> tuple[int, int, int | None]:
+        """(start, every, end) in step indices for a run of `num_steps` (fractions floored, then kept in range)."""
+        last = max(0, num_steps - 1)
+
+        def index(v: int | float | None) -> int | None:
+            return min(last, int(v * num_steps)) if isinstance(v, float) else v
+
+        every = self.resample_every
+        every = max(1, int(every * num_steps)) if isinstance(every, float) else every
+        return index(self.resample_start), every, index(self.resample_end)
 
     def events(self, num_steps: int) -> list[int]:
-        return resampling_events(num_steps, self.resample_every, self.resample_start, self.resample_end,
-                                 self.potential, self.resample_steps)
+        start, every, end = self.window(num_steps)
+        return resampling_events(num_steps, every, start, end, self.potential, self.resample_steps)
 
 
 @dataclass
@@ -120,11 +146,11 @@ def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
         return
     name = class_name(scheduler)
     if keeps_history(scheduler):
-        raise ValueError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
+        raise InputError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
                          "DDIMScheduler (eta > 0) or EulerAncestralDiscreteScheduler")
     stochastic = is_stochastic(scheduler, eta)
     if stochastic is False and not config.allow_deterministic:
-        raise ValueError(f"{name} (eta={eta}) is deterministic: resampled copies stay identical and FK degenerates to "
+        raise InputError(f"{name} (eta={eta}) is deterministic: resampled copies stay identical and FK degenerates to "
                          "best-of-k. Use a stochastic sampler (DDPM, DDIM with eta > 0, Euler-ancestral) or pass "
                          "allow_deterministic=True")
     if stochastic is None:
@@ -143,7 +169,7 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Te
         return a.sqrt() * sample - (1 - a).sqrt() * model_output
     if kind == "sample":
         return model_output
-    raise ValueError(f"cannot compute x̂0 for prediction_type={kind!r}")
+    raise InputError(f"cannot compute x̂0 for prediction_type={kind!r}")
 
 
 class X0Recorder:
@@ -261,12 +287,16 @@ class FKSteering:
         events = self.config.events(num_inference_steps)
         check_sampler(self.pipe.scheduler, eta, self.config)
         if isinstance(self.family, StableDiffusionFamily):
-            if prompt is None:
-                raise ValueError("StableDiffusionPipeline needs `prompt`")
+            if prompt is None or (not isinstance(prompt, str) and len(prompt) == 0):
+                raise InputError("StableDiffusionPipeline needs `prompt` (a string or a non-empty list)")
             return self._run_sd(prompt, num_inference_steps, self.family.guidance(guidance_scale),
                                 eta, generator, output_type, events, pipeline_kwargs)
-        if class_labels is None:
-            raise ValueError("DiTPipeline needs `class_labels`")
+        if class_labels is None or len(class_labels) == 0:
+            raise InputError("DiTPipeline needs `class_labels` (a non-empty list of class indices)")
+        classes = getattr(self.pipe.transformer.config, "num_embeds_ada_norm", None)
+        bad = [c for c in class_labels if int(c) != c or not 0 <= int(c) < (classes or float("inf"))]
+        if bad:
+            raise InputError(f"class_labels {bad} are outside the model's classes [0, {classes - 1}]")
         return self._run_dit(list(class_labels), num_inference_steps, self.family.guidance(guidance_scale), eta,
                              generator, output_type, events, prompts_for_reward)
 

@@ -24,6 +24,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...core import count_nfe
+from ...core.errors import InputError
 from ...core.families import DiTFamily, family_for, step_kwargs
 from ...core.schedulers import is_stochastic
 from ..flow import require_vp
@@ -58,7 +59,7 @@ class _Runner:
         self.scheduler = pipe.scheduler
         self.scheduler.set_timesteps(steps)
         if is_stochastic(self.scheduler, eta) is not False:
-            raise ValueError(f"noise search needs a deterministic sampler (the noise must determine the image); "
+            raise InputError(f"noise search needs a deterministic sampler (the noise must determine the image); "
                              f"{type(self.scheduler).__name__} with eta={eta} injects noise. Use DDIMScheduler, eta=0")
         self.per_row = 2 if self.guidance > 1 else 1
         self.counts = {"nfe": 0, "reward_calls": 0, "vae_decodes": 0}
@@ -109,7 +110,7 @@ def _check_budget(budget_nfe: int | None, unit: int, what: str) -> int | None:
     if budget_nfe is None:
         return None
     if budget_nfe < unit:
-        raise ValueError(f"budget_nfe={budget_nfe} is below the cost of one {what} ({unit} NFE)")
+        raise InputError(f"budget_nfe={budget_nfe} is below the cost of one {what} ({unit} NFE)")
     return int(budget_nfe)
 
 
@@ -122,7 +123,7 @@ def best_of_n(pipe, prompt: str | int, reward: Reward | Callable, n: int = 4, *,
     `budget_nfe` caps N at ``budget_nfe // T``. `prompt` is a text prompt (SD) or a class label (DiT).
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise InputError(f"n must be >= 1, got {n}")
     run = _Runner(pipe, reward, prompt, num_inference_steps, guidance_scale, eta)
     budget = _check_budget(budget_nfe, run.cost(), "sample")
     n = n if budget is None else min(n, budget // run.cost())
@@ -156,9 +157,9 @@ def zero_order_search(pipe, prompt: str | int, reward: Reward | Callable, *, nei
     neighbour if it beats the pivot. `budget_nfe` stops at the last complete round within budget.
     """
     if neighbours < 1 or rounds < 0:
-        raise ValueError(f"need neighbours >= 1 and rounds >= 0, got {neighbours}, {rounds}")
+        raise InputError(f"need neighbours >= 1 and rounds >= 0, got {neighbours}, {rounds}")
     if not 0 < rho < 1:
-        raise ValueError(f"rho must be in (0, 1), got {rho}")
+        raise InputError(f"rho must be in (0, 1), got {rho}")
     run = _Runner(pipe, reward, prompt, num_inference_steps, guidance_scale, eta)
     budget = _check_budget(budget_nfe, run.cost(), "sample")
     if budget is not None:
@@ -200,12 +201,12 @@ def path_search(pipe, prompt: str | int, reward: Reward | Callable, *, n: int = 
     (`replay_path` regenerates it).
     """
     if type(pipe.scheduler).__name__ != "DDIMScheduler":
-        raise ValueError("path_search re-noises between DDIM grid levels and needs DDIMScheduler")
+        raise InputError("path_search re-noises between DDIM grid levels and needs DDIMScheduler")
     if not (n >= 1 and m >= 1 and 1 <= delta_f < delta_b and 0 < start < num_inference_steps):
-        raise ValueError(f"need n, m >= 1, 1 <= delta_f < delta_b, 0 < start < steps; got n={n}, m={m}, "
+        raise InputError(f"need n, m >= 1, 1 <= delta_f < delta_b, 0 < start < steps; got n={n}, m={m}, "
                          f"delta_f={delta_f}, delta_b={delta_b}, start={start}")
     if start < delta_f:
-        raise ValueError(f"start ({start}) must be >= delta_f ({delta_f}) to re-noise")
+        raise InputError(f"start ({start}) must be >= delta_f ({delta_f}) to re-noise")
     run = _Runner(pipe, reward, prompt, num_inference_steps, guidance_scale, 0.0)
     steps = num_inference_steps
     budget = _check_budget(budget_nfe, n * start + (steps - start), "path search start")

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ...core.errors import InputError
 from .resampling import Resampler, effective_sample_size, normalize_log_weights, resample
 
 Potential = Literal["diff", "max", "sum", "immediate", "bon", "is"]
@@ -35,22 +36,22 @@ def resampling_events(num_steps: int, every: int, start: int, end: int | None, p
     """
     last = num_steps - 1
     if num_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+        raise InputError(f"num_inference_steps must be >= 1, got {num_steps}")
     if potential in ("bon", "is"):
         return [last]
     if steps is not None:
         bad = [s for s in steps if not 0 <= int(s) <= last]
         if bad:
-            raise ValueError(f"resampling steps {bad} are outside the schedule [0, {last}] of {num_steps} steps")
+            raise InputError(f"resampling steps {bad} are outside the schedule [0, {last}] of {num_steps} steps")
         return sorted({int(s) for s in steps} | {last})
     if every < 1:
-        raise ValueError(f"resample_every must be >= 1, got {every}")
+        raise InputError(f"resample_every must be >= 1, got {every}")
     end = last if end is None else end
     if not 0 <= start <= last or not 0 <= end <= last:
-        raise ValueError(f"resampling window start={start}, end={end} is outside the schedule [0, {last}] of "
+        raise InputError(f"resampling window start={start}, end={end} is outside the schedule [0, {last}] of "
                          f"{num_steps} steps; pass resample_start/resample_end (or resample_steps) that fit")
     if end < start:
-        raise ValueError(f"resample_end ({end}) < resample_start ({start})")
+        raise InputError(f"resample_end ({end}) < resample_start ({start})")
     return sorted(set(range(start, end + 1, every)) | {last})
 
 
@@ -77,14 +78,14 @@ class ParticleSystem:
 
     def __post_init__(self) -> None:
         if self.potential not in POTENTIALS:
-            raise ValueError(f"unknown potential {self.potential!r}; valid: {', '.join(POTENTIALS)}")
+            raise InputError(f"unknown potential {self.potential!r}; valid: {', '.join(POTENTIALS)}")
         if self.compat not in ("textbook", "reference"):
-            raise ValueError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
+            raise InputError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
         floor = self.reward_floor
         if floor is None:  # spec §2.4: −inf for max (first event uses r_1), 0 otherwise; the reference uses 0.0
             floor = float("-inf") if self.potential == "max" and self.compat == "textbook" else 0.0
         if self.potential == "diff" and not torch.isfinite(torch.tensor(floor)):
-            raise ValueError("reward_floor must be finite for the 'diff' potential")
+            raise InputError("reward_floor must be finite for the 'diff' potential")
         shape = (self.groups, self.k)
         self.log_weights = torch.zeros(shape, dtype=torch.float64)
         self.running = torch.full(shape, float(floor), dtype=torch.float64)

@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from ...core.errors import InputError
+
 Resampler = Literal["multinomial", "systematic", "stratified", "residual"]
 RESAMPLERS: tuple[str, ...] = ("multinomial", "systematic", "stratified", "residual")
 
@@ -22,7 +24,7 @@ def _as_groups(log_weights: torch.Tensor) -> torch.Tensor:
     if lw.ndim == 1:
         lw = lw[None]
     if lw.ndim != 2 or lw.shape[1] < 1:
-        raise ValueError(f"log-weights must have shape [k] or [B, k], got {tuple(lw.shape)}")
+        raise InputError(f"log-weights must have shape [k] or [B, k], got {tuple(lw.shape)}")
     return lw
 
 
@@ -61,7 +63,7 @@ def resample(log_weights: torch.Tensor, method: Resampler = "multinomial",
     multinomial draws on the remainder. Use a dedicated generator so resampling never shifts the diffusion noise.
     """
     if method not in RESAMPLERS:
-        raise ValueError(f"unknown resampler {method!r}; valid: {', '.join(RESAMPLERS)}")
+        raise InputError(f"unknown resampler {method!r}; valid: {', '.join(RESAMPLERS)}")
     w = normalize_log_weights(log_weights).exp()
     groups, k = w.shape
     n = k if num_samples is None else int(num_samples)

@@ -16,6 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 from ...core import tensor_to_pil, to_uint8
+from ...core.errors import InputError
 
 InputKind = Literal["tensor01", "latent"]
 
@@ -28,7 +29,7 @@ class Reward(Protocol):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
 
 
-class RewardError(ValueError):
+class RewardError(InputError):
     """A reward broke the protocol (wrong shape, wrong type, NaN)."""
 
 
@@ -66,7 +67,7 @@ class BaseReward:
         if isinstance(prompts, str):
             prompts = [prompts] * n
         if len(prompts) != n:
-            raise ValueError(f"reward {self.name!r}: {n} images but {len(prompts)} prompts")
+            raise InputError(f"reward {self.name!r}: {n} images but {len(prompts)} prompts")
         step = self.batch_size or max(n, 1)
         parts = [self.score(images[i:i + step], list(prompts[i:i + step])) for i in range(0, n, step)]
         out = torch.cat([torch.as_tensor(p, dtype=torch.float32).reshape(-1).cpu() for p in parts]) if parts else \
@@ -95,7 +96,7 @@ class ClassifierReward(BaseReward):
         labels = [self.label_fn(p) for p in prompts]
         missing = [p for p, y in zip(prompts, labels, strict=True) if y is None]
         if missing:
-            raise ValueError(f"reward {self.name!r}: no single digit named in prompt(s) {missing[:3]}")
+            raise InputError(f"reward {self.name!r}: no single digit named in prompt(s) {missing[:3]}")
         return torch.tensor(labels, dtype=torch.long)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -186,7 +187,7 @@ def as_reward(reward) -> Reward:
     """A `Reward` as is; a plain callable wrapped as a `CallableReward` on [0, 1] images."""
     if isinstance(reward, Reward):
         if reward.input_kind not in ("tensor01", "latent"):
-            raise ValueError(f"reward {reward.name!r}: input_kind must be 'tensor01' or 'latent'")
+            raise InputError(f"reward {reward.name!r}: input_kind must be 'tensor01' or 'latent'")
         return reward
     if callable(reward):
         return CallableReward(reward)

@@ -155,8 +155,8 @@ def test_model_resolution_messages(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model_index.json").write_text("{not json")
-    with pytest.raises(RunInputError, match="could not load a diffusers pipeline"):
-        load_pipeline(str(broken))
+    with pytest.raises(RunInputError, match="broken/model_index.json is not valid JSON"):
+        load_pipeline(str(broken))  # checked before diffusers is asked to load it
 
 
 def test_local_pipeline_folder(tmp_path, runner):

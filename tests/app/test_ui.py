@@ -7,15 +7,14 @@ skips only when that executable is missing. With DIFFACCEL_SCREENSHOT=path it al
 
 import os
 import shutil
-import socket
 import zipfile
 from pathlib import Path
 
 import gradio as gr
 import pytest
-import torch
-from diffaccel.app import RunRequest, build_app, launch
+from diffaccel.app import RunRequest, build_app
 from diffaccel.app.ui import INPUT_FIELDS
+from served import serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 # what the page opens with (the browser test runs these defaults); client calls pass every field explicitly
@@ -27,27 +26,11 @@ SMALL = dict(model="digits-sd", prompt="a handwritten digit three", seed=5, num_
              particles=2, potential="max", one_step=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("app")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        demo = build_app(PAGE_DEFAULTS, workdir=tmp / "runs")
-        url = launch(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True)
-        try:
-            yield demo, url, tmp
-        finally:
-            demo.close()
-            torch.set_num_threads(threads)
+    with serve(lambda: build_app(PAGE_DEFAULTS, workdir=tmp / "runs"), tmp) as (demo, url):
+        yield demo, url, tmp
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,19 @@ def test_bad_plans_are_refused(pipe):
         remove_branch_reuse(pipe)
     with pytest.raises(ValueError, match="interval"):
         deepcache_plan(STEPS, pipe.unet, 0)
+
+
+def test_shipped_plans_fit_digits_sd():
+    from diffaccel.caching import shipped_unet_plans
+    from diffaccel.caching.branch_reuse import check_plan
+    from diffaccel.caching.calibrate import plan_from_rows
+
+    shipped = shipped_unet_plans()
+    assert {"digits-sd-50-branch-reuse-1.70x", "digits-sd-50-branch-reuse-2.15x"} <= set(shipped)
+    unet = load("digits-sd").unet
+    for path in shipped.values():
+        plan = BranchReusePlan.load(path)
+        check_plan(plan, unet)
+        assert plan.num_steps == 50 and plan.metadata["model"] == "digits-sd"
+        rows = plan.metadata["rows"].split(",")
+        assert torch.equal(plan_from_rows(rows, unet).mask, plan.mask)  # the row names rebuild the plan exactly

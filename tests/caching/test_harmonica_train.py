@@ -179,5 +179,5 @@ def test_bad_training_input(dit):
         TrainConfig(lambda_mode="other")
     with pytest.raises(ValueError, match="num_steps"):
         TrainConfig(num_steps=1)
-    with pytest.raises(TypeError, match="DiTPipeline"):
+    with pytest.raises(ValueError, match="DiTPipeline"):  # InputError (exit code 2)
         DiTSampler(zoo.load("random-pixart"), 3, 4.0)

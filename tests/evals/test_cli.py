@@ -23,7 +23,10 @@ def folders(tmp_path_factory):
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(["fid", *map(str, argv)])
+    try:
+        code = main(["fid", *map(str, argv)])
+    except SystemExit as exc:  # usage errors (an invalid option value) exit through argparse
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -43,12 +43,14 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]  # no temp files left behind
 
 
-def test_pytorch_fid_style_file_loads_with_a_warning(tmp_path):
+def test_pytorch_fid_style_file_needs_the_extractor_named(tmp_path):
     rng = np.random.default_rng(0)
     np.savez_compressed(tmp_path / "p.npz", mu=rng.normal(size=4), sigma=np.eye(4))
-    with pytest.warns(UserWarning, match="no metadata"):
-        s = load_stats(tmp_path / "p.npz")
-    assert s.dims == 4 and s.extractor.startswith("unknown")
+    with pytest.raises(EvalInputError, match="no extractor metadata.*--assume-extractor"):
+        load_stats(tmp_path / "p.npz")
+    with pytest.warns(UserWarning, match="no metadata; assuming extractor x as told"):
+        s = load_stats(tmp_path / "p.npz", assume_extractor="x")
+    assert s.dims == 4 and s.extractor == "x" and s.resize == ""
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -65,8 +67,11 @@ def test_wrong_keys_or_shapes_raise(tmp_path, arrays, message):
 
 def test_not_an_npz(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"not a zip file")
-    with pytest.raises(EvalInputError, match="not a readable"):
+    with pytest.raises(EvalInputError, match="is a text file, not an .npz"):
         load_stats(tmp_path / "x.npz")
+    (tmp_path / "y.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(EvalInputError, match="not a readable"):
+        load_stats(tmp_path / "y.npz")
 
 
 def test_mismatched_extractor_or_resize_raises():

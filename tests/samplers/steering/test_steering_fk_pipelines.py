@@ -138,8 +138,9 @@ def test_bad_rewards_are_named(sd):
     with pytest.raises(RewardError, match="two-columns.*shape"):
         FKSteering(sd, wrong, FKConfig(num_particles=2, **SCHED))(PROMPTS[:1], num_inference_steps=STEPS,
                                                                    generator=make_generator(0))
+    absolute = FKConfig(num_particles=2, resample_start=20, resample_every=20, resample_end=80)  # steps, not fractions
     with pytest.raises(ValueError, match="outside the schedule"):
-        FKSteering(sd, brightness, FKConfig(num_particles=2))(PROMPTS[:1], num_inference_steps=STEPS)
+        FKSteering(sd, brightness, absolute)(PROMPTS[:1], num_inference_steps=STEPS)
     # nan_policy="drop": NaN particles get zero weight instead of an error
     half = CallableReward(lambda im, p: torch.tensor([float("nan"), 1.0]), name="half")
     out = FKSteering(sd, half, FKConfig(num_particles=2, nan_policy="drop", **SCHED))(
