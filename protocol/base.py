@@ -16,6 +16,7 @@ methods in `Stage` order and returns an `AccelerationHandle`:
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -185,6 +186,11 @@ class AccelerationHandle:
             return method.run(self, *args, **kwargs)
         return self.pipe(*args, **kwargs)
 
+    def as_pipeline(self) -> AcceleratedPipeline:
+        """A stand-in for the pipeline whose calls run ``handle(...)``: same call signature, other attributes read
+        from the pipeline (for harnesses that take a pipeline, e.g. `diffaccel.evals.evaluate`)."""
+        return AcceleratedPipeline(self)
+
     def remove(self) -> None:
         """Undo every change in reverse order of application (safe to call twice)."""
         if self.removed:
@@ -205,6 +211,26 @@ class AccelerationHandle:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+class AcceleratedPipeline:
+    """`handle.as_pipeline()`: calls go through the handle; the signature and other attributes are the pipeline's."""
+
+    def __init__(self, handle: AccelerationHandle) -> None:
+        self.handle = handle
+        call = functools.wraps(handle.pipe.__call__)(lambda *a, **kw: handle(*a, **kw))
+        self.__call__ = call  # what `inspect.signature(obj.__call__)` reads
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handle(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if "handle" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["handle"].pipe, name)
+
+    def __repr__(self) -> str:
+        return f"AcceleratedPipeline({self.handle!r})"
 
 
 def accelerate(pipe: Any, *methods: Method | str) -> AccelerationHandle:

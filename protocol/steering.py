@@ -3,7 +3,7 @@
 put on the pipeline.
 
 * FK steering (Singhal et al. 2025, Alg. 1): k particles per prompt, resampled by reward-based potentials; returns
-  a `SteeringOutput` with every particle (``out.images[out.best()]`` is the best per prompt). With a feature cache
+  the best particle per prompt (``select="all"``: the `SteeringOutput` with every particle). With a feature cache
   in the recipe, each resampling copies the particles' cache rows with the particles (`core.hooks.reorder_rows`), so
   every particle keeps the cache of its own trajectory.
 * Best-of-N (Ma et al. 2025, §3.2, random search): N deterministic samples per prompt, the reward's best kept.
@@ -79,6 +79,7 @@ class FKSteering(_Steering):
     lmbda: float = 10.0
     eta: float = 1.0
     reward: Any = "classifier"
+    select: str = "best"
 
     name = "fk"
     aliases = ("fk-steering",)
@@ -91,6 +92,9 @@ class FKSteering(_Steering):
 
     def __post_init__(self) -> None:
         self.fk_config()  # validates
+        if self.select not in ("best", "all"):
+            raise ValueError(f"fk select must be 'best' (one image per prompt) or 'all' (every particle), "
+                             f"got {self.select!r}")
         if not isinstance(self.reward, str) and not callable(self.reward):
             raise ValueError(f"fk reward must be a name ({', '.join(REWARDS)}) or a Reward, got {self.reward!r}")
 
@@ -99,7 +103,8 @@ class FKSteering(_Steering):
                f"end={'none' if self.end is None else self.end}"]
         out += [f"lambda={self.lmbda:g}"] if self.lmbda != 10.0 else []
         out += [f"eta={self.eta:g}"] if self.eta != 1.0 else []
-        return out + [f"reward={self.reward if isinstance(self.reward, str) else 'custom'}"]
+        out += [f"reward={self.reward if isinstance(self.reward, str) else 'custom'}"]
+        return out + (["select=all"] if self.select == "all" else [])
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> FKSteering:
@@ -114,11 +119,11 @@ class FKSteering(_Steering):
                 kw["end"] = None if value == "none" else int(value)
             elif key in ("lambda", "eta"):
                 kw["lmbda" if key == "lambda" else "eta"] = float(value)
-            elif key in ("potential", "reward"):
+            elif key in ("potential", "reward", "select"):
                 kw[key] = value
             else:
                 raise ValueError(f"{name}: unknown argument {key!r}; expected k, potential, every, start, end, "
-                                 "lambda, eta, reward")
+                                 "lambda, eta, reward, select")
         return cls(**kw)
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
@@ -142,9 +147,23 @@ class FKSteering(_Steering):
         conds, kwargs = _conditioning(family, args, kwargs)
         runner = Runner(handle.pipe, resolve_reward(self.reward), self.fk_config())
         kwargs.setdefault("eta", self.eta)
+        kwargs.pop("return_dict", None)
+        gens = kwargs.get("generator")
+        if isinstance(gens, (list, tuple)) and len(gens) == len(conds) and self.k > 1:
+            # one generator per prompt (as for the plain pipeline): particle j of a prompt seeded k*seed + j
+            kwargs["generator"] = [torch.Generator(g.device).manual_seed(g.initial_seed() * self.k + j)
+                                   for g in gens for j in range(self.k)]
         if family.conditioning_kind == "class":
-            return runner(class_labels=conds, **kwargs)
-        return runner(conds, **kwargs)
+            out = runner(class_labels=conds, **kwargs)
+        else:
+            out = runner(conds, **kwargs)
+        if self.select == "all":
+            return out
+        best = out.best()
+        images = out.images
+        picked = [images[int(i)] for i in best] if isinstance(images, list) else images[best.numpy()] \
+            if not isinstance(images, torch.Tensor) else images[best]
+        return SearchResults(picked, [out])
 
 
 @dataclass(frozen=True)
@@ -205,7 +224,7 @@ class BestOfN(_Steering):
 
 @dataclass
 class SearchResults:
-    """Best-of-N output: the winners (one per prompt) and every search's record."""
+    """One image per prompt (best-of-N winners, or FK's best particle) and the search / steering records."""
 
     images: Any
     searches: list[Any]

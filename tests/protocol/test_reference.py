@@ -47,7 +47,7 @@ def recipe_for(key: str) -> tuple[str, str, dict]:
     if kind in ("harmonica", "fora"):
         return model, f"ddim@20:grid=model + {kind}:{rest.removesuffix('@ddim20')}", {}
     if kind == "fk":
-        return model, "ddim@10:grid=model + fk:2:every=3:start=3:end=9", {"ngen": 4, "output_type": "pt"}
+        return model, "ddim@10:grid=model + fk:2:every=3:start=3:end=9:select=all", {"ngen": 4, "output_type": "pt"}
     if kind == "best-of-n":
         return model, "ddim@10:grid=model + best-of-n:2", {}
     if kind == "onestep":
