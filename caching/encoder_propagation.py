@@ -180,6 +180,8 @@ class _EPState:
         computed for the old rows, are dropped (the next non-key step decodes afresh)."""
         self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
         self.stash.clear()
+        if self.last_injection is not None:  # prior noise: each particle keeps its ancestor's z_T
+            self.last_injection.noise = take_rows(self.last_injection.noise, rows)
 
     def _new_generation(self) -> None:
         self.cache.clear()
