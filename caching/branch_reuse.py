@@ -400,12 +400,9 @@ def remove_branch_reuse(model: Any) -> None:
 
 
 def _state(model: Any) -> _State:
-    from ..core.hooks import get_hook
+    from ..core.hooks import hook_state
 
-    hook = get_hook(find_denoiser(model), STEP_HOOK)
-    if hook is None:
-        raise ValueError("no branch reuse plan is attached to this model")
-    return hook.state
+    return hook_state(model, STEP_HOOK, "a branch reuse plan")
 
 
 def branch_reuse_counters(model: Any) -> BranchReuseCounters:

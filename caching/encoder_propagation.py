@@ -39,6 +39,7 @@ from ..core.hooks import (
     get_argument,
     get_hook,
     has_hook,
+    hook_state,
     input_signature,
     register_hook,
     remove_hooks,
@@ -536,11 +537,7 @@ def apply_encoder_propagation(model_or_pipe: Any, config: EncoderPropagationConf
 
 
 def _state(model_or_pipe: Any) -> _EPState:
-    unet = find_denoiser(model_or_pipe)
-    hook = get_hook(unet, DENOISER_HOOK)
-    if hook is None:
-        raise InputError("encoder propagation is not applied to this model")
-    return hook.state
+    return hook_state(model_or_pipe, DENOISER_HOOK, "encoder propagation")
 
 
 def remove_encoder_propagation(model_or_pipe: Any) -> None:

@@ -41,6 +41,7 @@ from ..core.hooks import (
     get_argument,
     get_hook,
     has_hook,
+    hook_state,
     input_signature,
     register_hook,
     remove_hooks,
@@ -667,10 +668,7 @@ def remove_cache_plan(model: Any) -> None:
 
 
 def _state(model: Any) -> _HCState:
-    hook = get_hook(find_denoiser(model), STEP_HOOK)
-    if hook is None:
-        raise InputError("no cache plan is attached to this model")
-    return hook.state
+    return hook_state(model, STEP_HOOK, "a cache plan")
 
 
 def cache_plan_counters(model: Any) -> CachePlanCounters:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..core.families import PipelineFamily
-from .base import AccelerationHandle, CompositionError, Method, Stage
+from .base import AccelerationHandle, CompositionError, Method, Stage, optional_int, parse_args
 from .samplers import Sampler, TimeShift
 
 #: reward names usable in recipes -> factory
@@ -53,9 +53,7 @@ def _conditioning(family: PipelineFamily, args: tuple, kwargs: dict) -> tuple[li
     return ([cond] if isinstance(cond, (str, int)) else list(cond)), kwargs
 
 
-class _Steering(Method):
-    slot = "steering"
-    stage = Stage.CALL
+class _Steering(Method, slot="steering", stage=Stage.CALL):
 
     def apply(self, pipe: Any, ctx: Any) -> None:
         """Nothing to install: the method runs when the handle is called."""
@@ -67,7 +65,7 @@ class _Steering(Method):
 
 
 @dataclass(frozen=True)
-class FKSteering(_Steering):
+class FKSteering(_Steering, name="fk", aliases=("fk-steering",)):
     """FK steering with `k` particles per prompt; resampling at steps start, start+every, ... <= end and the
     last step; DDIM-style samplers run with `eta` (FK needs fresh noise)."""
 
@@ -80,9 +78,6 @@ class FKSteering(_Steering):
     eta: float = 1.0
     reward: Any = "classifier"
     select: str = "best"
-
-    name = "fk"
-    aliases = ("fk-steering",)
 
     def fk_config(self) -> Any:
         from ..samplers.steering import FKConfig
@@ -108,23 +103,10 @@ class FKSteering(_Steering):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> FKSteering:
-        kw: dict[str, Any] = {}
-        for a in args:
-            key, eq, value = a.partition("=")
-            if not eq:
-                kw["k"] = int(a)
-            elif key in ("every", "start"):
-                kw[key] = int(value)
-            elif key == "end":
-                kw["end"] = None if value == "none" else int(value)
-            elif key in ("lambda", "eta"):
-                kw["lmbda" if key == "lambda" else "eta"] = float(value)
-            elif key in ("potential", "reward", "select"):
-                kw[key] = value
-            else:
-                raise ValueError(f"{name}: unknown argument {key!r}; expected k, potential, every, start, end, "
-                                 "lambda, eta, reward, select")
-        return cls(**kw)
+        keys = {"every": ("every", int), "start": ("start", int), "end": ("end", optional_int),
+                "lambda": ("lmbda", float), "eta": ("eta", float), "potential": ("potential", str),
+                "reward": ("reward", str), "select": ("select", str)}
+        return cls(**parse_args(name, args, keys, positional=[("k", int)]))
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         from ..samplers.steering import check_sampler
@@ -167,16 +149,13 @@ class FKSteering(_Steering):
 
 
 @dataclass(frozen=True)
-class BestOfN(_Steering):
+class BestOfN(_Steering, name="best-of-n", aliases=("bon",)):
     """Best-of-N random search with a deterministic sampler (`eta` 0): N candidates per prompt, the best kept.
     Prompt i uses generator i of the call (one generator per prompt, as the steering benchmark)."""
 
     n: int = 4
     reward: Any = "classifier"
     eta: float = 0.0
-
-    name = "best-of-n"
-    aliases = ("bon",)
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -188,18 +167,8 @@ class BestOfN(_Steering):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> BestOfN:
-        kw: dict[str, Any] = {}
-        for a in args:
-            key, eq, value = a.partition("=")
-            if not eq:
-                kw["n"] = int(a)
-            elif key == "reward":
-                kw["reward"] = value
-            elif key == "eta":
-                kw["eta"] = float(value)
-            else:
-                raise ValueError(f"{name}: unknown argument {key!r}; expected n, reward, eta")
-        return cls(**kw)
+        keys = {"reward": ("reward", str), "eta": ("eta", float)}
+        return cls(**parse_args(name, args, keys, positional=[("n", int)]))
 
     def run(self, handle: AccelerationHandle, *args: Any, **kwargs: Any) -> Any:
         from ..samplers.steering import best_of_n

@@ -35,11 +35,8 @@ PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def fresh(model: str):

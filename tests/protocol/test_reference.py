@@ -55,14 +55,6 @@ def recipe_for(key: str) -> tuple[str, str, dict]:
     raise KeyError(key)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("key", REFERENCE.files)
 def test_protocol_reproduces_pre_protocol_images(key, one_thread):
