@@ -76,6 +76,17 @@ class PatchParallel(Method, name="patch-parallel", aliases=("pp",), slot="parall
                 raise ValueError(f"{name}: unknown argument {key!r}; expected a mode and {', '.join(_PARALLEL_KEYS)}")
         return cls(**kw)
 
+    def conflicts(self, other: Method) -> str | None:
+        if self.mode == "sync":
+            return None  # exact: every layer sees fresh activations, whatever else skips or reorders them
+        if other.slot == "cache":
+            return (f"{self.mode} patches reuse each layer's activations from the previous call; a cache that skips "
+                    "layers would leave them from an older step (use patch-parallel:sync with a cache)")
+        if other.name == "fk":
+            return (f"{self.mode} patches keep per-row activations from the previous call; FK resampling reorders "
+                    "the rows (use patch-parallel:sync with FK)")
+        return None
+
     def apply(self, pipe: Any, ctx: ApplyContext) -> None:
         from ..parallel import parallelize
 

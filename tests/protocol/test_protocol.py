@@ -115,6 +115,8 @@ def test_plain_call_after_accelerate_equals_cached_call():
     ("fora:2", ["fora:2", "step count"]),
     ("one-step + fora:2:steps=20", ["one-step", "fora:2", "nothing to reuse"]),
     ("harmonica:no-such-plan", ["harmonica:no-such-plan", "no cache plan file"]),
+    ("ddim@20 + fora:2 + patch-parallel:displaced", ["fora:2", "patch-parallel:displaced", "older step"]),
+    ("ddim@10 + fk:2 + patch-parallel:pcpp", ["fk:2", "patch-parallel:pcpp", "reorders"]),
 ])
 def test_refusals_name_both_methods_and_change_nothing(recipe, words):
     pipe = fresh("digits-dit")
