@@ -1,5 +1,8 @@
 """The demo's generation logic, free of any UI: one `RunRequest` in, one `RunResult` out.
 
+(Over 450 lines: request, validation messages, model loading and the two timed sides; the accelerations
+themselves are the protocol's `recipe_for`. Splitting request/result types into their own module is the next step.)
+
 `DemoRunner.run(request)` validates the request, loads (or reuses) the pipeline, then generates the same images twice
 with the same per-image seeds (`core.make_generators`): once as the *baseline* (the pipeline's own scheduler at
 `baseline_steps`) and once *accelerated* (a chosen sampler, optionally Time-Shift, a feature cache, steering or

@@ -1,4 +1,7 @@
-"""Encoder propagation (EP) for diffusers UNets, as `diffusers.hooks` on the stock modules (spec §2).
+"""Encoder propagation (EP) for diffusers UNets, as `diffusers.hooks` on the stock modules.
+
+(Over 450 lines: the config, the three hooks that share one per-UNet state, parallel decoding and prior noise
+injection are one method whose pieces only make sense together; key-step schedules live in `key_steps.py`.)
 
 Li et al., "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models", NeurIPS 2024. The UNet
 encoder (`conv_in`, `down_blocks`, `mid_block`) runs only at key steps k; a non-key step s reuses the encoder

@@ -1,5 +1,8 @@
 """Reflow, one-step distillation and LoRA guidance distillation, in the shape of diffusers' example training scripts.
 
+(Over 450 lines: still one script as diffusers' examples are; the split into a config object and a stage ->
+objective table is not done yet.)
+
     python -m diffaccel.distill.train --stage pairs    --pretrained_teacher_model digits-sd --pairs_dir pairs/
     python -m diffaccel.distill.train --stage reflow   --pairs_dir pairs/ --output_dir out/2rf
     python -m diffaccel.distill.train --stage pairs    --pretrained_teacher_model out/2rf --teacher_solver euler \

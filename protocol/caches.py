@@ -172,7 +172,7 @@ class HarmoniCa(_TransformerCache, name="harmonica", aliases=("cache-plan",)):
 
     def load(self) -> Any:
         from ..caching import CachePlan
-        from ..caching.harmonica import _plan_path
+        from ..caching.harmonica.plan import _plan_path
 
         return CachePlan.load(_plan_path(self.plan))
 

@@ -21,6 +21,7 @@ from diffaccel.caching.branch_reuse import (
     remove_branch_reuse,
     unet_units,
 )
+from diffaccel.zoo import load
 from diffusers import DDIMScheduler
 from zoo_pipes import quiet_pipeline
 
