@@ -49,6 +49,7 @@ import torch
 from ..core.errors import InputError
 from ..core.families import DiTFamily, family_class
 from ..core.files import atomic_save
+from ..samplers.loop import sample
 from .harmonica import DEFAULT_THRESHOLD, CacheMode, CachePlan, Router, attach_router, remove_cache_plan
 
 
@@ -146,8 +147,7 @@ def generate(sampler: DiTSampler, state: Any, x: torch.Tensor, labels: torch.Ten
     sched = sampler.fresh_scheduler()
     state.clear()
     state.mode, state.gates = CacheMode.SOFT, gates
-    for t in sched.timesteps:
-        x = sampler.step(sched, sampler.eps(x, t, labels, sched), t, x)
+    x = sample(lambda z, t: sampler.eps(z, t, labels, sched), x, sched.timesteps, scheduler=sched)
     state.gates = None
     return x
 
