@@ -99,27 +99,31 @@ def report_rows(results: Sequence[Any]) -> list[dict[str, Any]]:
         model, recipe = r.name.split(" | ", 1)
         ref = by_name.get(r.paired_with or "", r)
         p = r.paired
+        flops = (ref.flops_per_image / r.flops_per_image) if ref.flops_per_image and r.flops_per_image else None
         rows.append({"model": model, "recipe": recipe, "speedup": ref.seconds_per_image / r.seconds_per_image,
+                     "flops_speedup": flops,
                      "seconds_per_image": r.seconds_per_image, "nfe": r.nfe_per_image,
                      "rows_per_image": r.denoiser_rows_per_image, "gflops": None if r.flops_per_image is None
                      else r.flops_per_image / 1e9, "fid": r.fid, "kid": r.kid_mean, "accuracy": r.class_accuracy,
                      "clip": r.clip_score, "psnr": None if p is None else p.psnr,
                      "ssim": None if p is None else p.ssim, "reference": r.paired_with == r.name})
+    axis = "flops_speedup" if all(row["flops_speedup"] for row in rows) else "speedup"
     for model in {row["model"] for row in rows}:
         mine = [row for row in rows if row["model"] == model]
-        for i in pareto_front([(row["speedup"], row["fid"]) for row in mine]):
+        for i in pareto_front([(row[axis], row["fid"]) for row in mine]):
             mine[i]["pareto"] = True
     return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("| model | recipe | speed-up | s/image | NFE | denoiser rows/image | GFLOP/image | FID | KID×1e3 | "
-            "class acc. | CLIP | PSNR (dB) | SSIM | Pareto |")
+    head = ("| model | recipe | speed-up (wall) | FLOPs ratio | s/image | NFE | denoiser rows/image | GFLOP/image | "
+            "FID | KID×1e3 | class acc. | CLIP | PSNR (dB) | SSIM | Pareto |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         psnr = "ref" if r["reference"] else ("∞" if r["psnr"] is not None and math.isinf(r["psnr"])
                                               else _fmt(r["psnr"], ".2f"))
-        lines.append(f"| {r['model']} | `{r['recipe']}` | {r['speedup']:.2f}× | {r['seconds_per_image']:.4f} | "
+        lines.append(f"| {r['model']} | `{r['recipe']}` | {r['speedup']:.2f}× | {_fmt(r['flops_speedup'], '.2f')}× | "
+                     f"{r['seconds_per_image']:.4f} | "
                      f"{r['nfe']:.0f} | {r['rows_per_image']:.0f} | {_fmt(r['gflops'], '.3f')} | {r['fid']:.2f} | "
                      f"{r['kid'] * 1e3:.2f} | {_fmt(r['accuracy'], '.1%')} | {_fmt(r['clip'], '.2f')} | {psnr} | "
                      f"{'ref' if r['reference'] else _fmt(r['ssim'], '.3f')} | {'★' if r.get('pareto') else ''} |")
@@ -127,7 +131,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """FID vs speed-up (log) per model family, the Pareto front joined and its points labelled."""
+    """FID vs speed-up (log) per model family, the Pareto front joined and its points labelled. The x axis is the
+    FLOPs ratio when every row has one (deterministic; wall-clock ratios on a shared machine are noisy), else the
+    measured speed-up."""
+    axis = "flops_speedup" if all(r.get("flops_speedup") for r in rows) else "speedup"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,15 +144,16 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
-        ax.scatter([r["speedup"] for r in mine], [r["fid"] for r in mine], color="0.6", s=18, zorder=2)
-        front = sorted((r for r in mine if r.get("pareto")), key=lambda r: r["speedup"])
-        ax.plot([r["speedup"] for r in front], [r["fid"] for r in front], "-o", color="C3", zorder=3,
+        ax.scatter([r[axis] for r in mine], [r["fid"] for r in mine], color="0.6", s=18, zorder=2)
+        front = sorted((r for r in mine if r.get("pareto")), key=lambda r: r[axis])
+        ax.plot([r[axis] for r in front], [r["fid"] for r in front], "-o", color="C3", zorder=3,
                 label="Pareto front")
         for r in mine:
-            ax.annotate(r["recipe"], (r["speedup"], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points",
+            ax.annotate(r["recipe"], (r[axis], r["fid"]), fontsize=6, xytext=(3, 3), textcoords="offset points",
                         color="C3" if r.get("pareto") else "0.35")
         ax.set_xscale("log")
-        ax.set_xlabel("speed-up vs the reference row (same run)")
+        ax.set_xlabel("FLOPs ratio vs the reference row (whole generation, one image)" if axis == "flops_speedup" else
+                      "wall-clock speed-up vs the reference row (same run)")
         ax.set_ylabel("FID (digits-features, lower is better)")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
@@ -164,10 +172,13 @@ def write_report(results: Sequence[Any], out: Path, command: str, machine: str) 
     png = plot(rows, out / "pareto.png")
     n = results[0].num_images if results else 0
     text = (f"# Pareto report\n\n`{command}` — {n} images per row, same seeds for every row, on {machine}. "
-            "Speed-up: the row's reference (first row of its model) divided by the row's seconds per image, measured "
-            "in the same run. PSNR/SSIM: image by image against the reference row at the same seeds. FK rows "
+            "Speed-up (wall): the row's reference (first row of its model) divided by the row's seconds per image, "
+            "timed with `core.measure` in the same run; FLOPs ratio: the reference's FLOPs per image (counted by "
+            "`torch.utils.flop_counter` on one image) over the row's. The Pareto front and the plot use the FLOPs "
+            "ratio: on a shared machine wall-clock ratios move with other jobs. PSNR/SSIM: image by image against the "
+            "reference row at the same seeds. FK rows "
             "return the best particle per prompt; their NFE counts steps, the denoiser rows count every particle. "
-            "★ marks the Pareto front (speed-up vs FID) per model.\n\n" + markdown_table(rows) + "\n")
+            "★ marks the Pareto front (FLOPs ratio vs FID) per model.\n\n" + markdown_table(rows) + "\n")
     md = out / "pareto.md"
     md.write_text(text)
     return md, png
