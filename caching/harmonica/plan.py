@@ -21,6 +21,7 @@ from ...core.errors import InputError
 from ...core.families import find_denoiser
 from ...core.files import atomic_save
 from ...core.schedulers import class_name as sched_name
+from ..masks import StepUnitMask
 
 STEP_HOOK = "diffaccel.harmonica.step"
 UNIT_HOOK = "diffaccel.harmonica.unit"
@@ -71,7 +72,7 @@ def unit_modules(transformer: nn.Module, units: Sequence[str] | None = None) -> 
 
 
 @dataclass
-class CachePlan:
+class CachePlan(StepUnitMask):
     """Binary cache plan P [steps, units] (True = compute, False = reuse) plus the setting it is valid for.
 
     model_class / num_blocks / units describe the unit layout (None = a generic plan, checked only by its unit
@@ -105,14 +106,6 @@ class CachePlan:
             raise InputError(f"plan has {self.mask.shape[1]} unit columns but its layout is {self.num_blocks} blocks "
                              f"x {len(self.units)} units {self.units} = {self.num_blocks * len(self.units)}")
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def num_units(self) -> int:
-        return int(self.mask.shape[1])
 
     @property
     def skipped_units(self) -> int:
