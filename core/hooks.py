@@ -275,7 +275,7 @@ def hook_state(model_or_pipe: Any, name: str, what: str) -> Any:
 
     hook = get_hook(find_denoiser(model_or_pipe), name)
     if hook is None:
-        raise InputError(f"{what} is not attached to this model")
+        raise InputError(f"{what} is not applied to this model (nothing attached)")
     return hook.state
 
 
