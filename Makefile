@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[app,dev,distill]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[app,dev,distill,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

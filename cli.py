@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subpackages that grow CLI subcommands expose `add_parser(subparsers)` in their `cli` module.
     import importlib
 
-    for pkg in ("evals", "samplers", "caching", "parallel", "distill", "app"):
+    for pkg in ("evals", "samplers", "caching", "parallel", "distill", "app", "protocol"):
         try:
             mod = importlib.import_module(f"{__package__}.{pkg}.cli")
         except ModuleNotFoundError as exc:

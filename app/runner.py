@@ -1,5 +1,8 @@
 """The demo's generation logic, free of any UI: one `RunRequest` in, one `RunResult` out.
 
+(Over 450 lines: request, validation messages, model loading and the two timed sides; the accelerations
+themselves are the protocol's `recipe_for`. Splitting request/result types into their own module is the next step.)
+
 `DemoRunner.run(request)` validates the request, loads (or reuses) the pipeline, then generates the same images twice
 with the same per-image seeds (`core.make_generators`): once as the *baseline* (the pipeline's own scheduler at
 `baseline_steps`) and once *accelerated* (a chosen sampler, optionally Time-Shift, a feature cache, steering or
@@ -35,11 +38,11 @@ import torch
 from ..core import (
     count_nfe,
     families,
-    make_generator,
     make_generators,
     measure,
     pipeline_output_to_uint8,
     tensor_to_pil,
+    to_uint8,
 )
 from ..core.errors import InputError, WeightsError
 from ..core.weights import check_finite_parameters, check_pipeline_folder
@@ -81,31 +84,11 @@ class RunInputError(InputError):
 # ---------------------------------------------------------------------------------------------- optional parts
 
 
-def harmonica_api() -> Any | None:
-    """The `caching.harmonica` module when this build has it with the agreed names, else None."""
-    try:
-        from ..caching import harmonica
-    except ImportError:
-        return None
-    names = ("CachePlan", "apply_cache_plan", "remove_cache_plan", "fora_plan", "shipped_plans", "unit_modules")
-    return harmonica if all(hasattr(harmonica, n) for n in names) else None
-
-
-def one_step_available() -> bool:
-    """Whether the zoo of this build has the one-step student."""
-    from ..zoo.registry import ENTRIES
-
-    return ONE_STEP_ENTRY in ENTRIES
-
-
 def shipped_plan_names() -> list[str]:
-    api = harmonica_api()
-    if api is None:
-        return []
-    try:
-        return sorted(api.shipped_plans())
-    except Exception:  # noqa: BLE001 - a broken plan folder only hides the plans, the app keeps working
-        return []
+    """Names of the HarmoniCa plans shipped in `caching/plans`."""
+    from ..caching import shipped_plans
+
+    return sorted(shipped_plans())
 
 
 def zoo_family(name: str) -> str | None:
@@ -421,18 +404,9 @@ def validate_request(request: RunRequest, family: str | None = None) -> None:
         problems.append(f"best-of-N needs N >= 2 candidates, got particles = {r.particles}")
     if r.sampler == "F-PNDM" and isinstance(r.steps, int) and r.steps < 4 and not r.one_step:
         problems.append(f"F-PNDM needs at least 4 steps (3 Runge-Kutta warm-up steps + 1), got steps = {r.steps}")
-    if r.cache in ("HarmoniCa plan", "FORA") and harmonica_api() is None:
-        problems.append(f"cache {r.cache!r} is not available in this build (diffaccel.caching.harmonica is missing)")
-    if r.cache == "HarmoniCa plan" and harmonica_api() is not None and not (r.cache_plan or "").strip():
+    if r.cache == "HarmoniCa plan" and not (r.cache_plan or "").strip():
         problems.append("cache 'HarmoniCa plan' needs a plan: choose a shipped plan or give a plan file")
-    if r.cache != "none" and r.steering != "none":
-        problems.append(f"cache {r.cache!r} together with steering {r.steering!r} is not supported in the demo; "
-                        "choose one of the two")
     if r.one_step:
-        if not one_step_available():
-            problems.append(f"the one-step student ({ONE_STEP_ENTRY}) is not available in this build")
-        if r.cache != "none" or r.steering != "none" or r.time_shift:
-            problems.append("the one-step student runs alone: set cache and steering to 'none' and Time-Shift off")
         if r.model.strip() != ONE_STEP_TEACHER:
             problems.append(f"the one-step student is distilled from {ONE_STEP_TEACHER}; pick that model to compare "
                             f"against it (model is {r.model!r})")
@@ -448,26 +422,9 @@ def validate_request(request: RunRequest, family: str | None = None) -> None:
         elif family == "dit" and label_from_prompt(r.prompt) is None:
             problems.append(f"prompt {r.prompt!r} names no single digit; a class-conditional DiT needs the class "
                             "label, e.g. '7' or 'seven'")
-        if r.cache == "encoder propagation" and family not in ("sd", "ddpm"):
-            alt = ("use 'HarmoniCa plan' or 'FORA' for transformers" if harmonica_api() is not None else
-                   "transformer caches (HarmoniCa, FORA) are not available in this build")
-            problems.append(f"encoder propagation caches a UNet encoder; {r.model!r} is a {family.upper()} "
-                            f"transformer model — {alt}")
-        if r.cache in ("HarmoniCa plan", "FORA") and family not in ("dit", "pixart"):
-            problems.append(f"{r.cache} caches transformer blocks (DiT / PixArt); {r.model!r} is a UNet model — use "
-                            "'encoder propagation' for UNets")
-        if r.steering != "none":
-            if family not in ("sd", "dit"):
-                problems.append(f"steering/search supports Stable Diffusion and DiT pipelines; {r.model!r} is "
-                                f"{family.upper()}")
-            elif label_from_prompt(r.prompt) is None:
-                problems.append(f"steering rewards the prompted digit (digits-features log-probability); prompt "
-                                f"{r.prompt!r} names no single digit")
-            if r.steering == "FK steering" and r.sampler != "DDIM":
-                problems.append(f"FK steering needs a stochastic sampler without per-row history; it runs DDIM with "
-                                f"eta = 1 — choose sampler 'DDIM' (got {r.sampler!r})")
-            if r.time_shift:
-                problems.append("Time-Shift cannot be combined with steering/search in the demo")
+        if r.steering != "none" and family in ("sd", "dit") and label_from_prompt(r.prompt) is None:
+            problems.append(f"steering rewards the prompted digit (digits-features log-probability); prompt "
+                            f"{r.prompt!r} names no single digit")
     if problems:
         raise RunInputError("; ".join(problems))
 
@@ -475,29 +432,56 @@ def validate_request(request: RunRequest, family: str | None = None) -> None:
 # ---------------------------------------------------------------------------------------------- accelerations
 
 
-def build_sampler(name: str, base_config: Any, time_shift: bool, steps: int) -> Any:
-    """The accelerated side's scheduler, from the pipeline's scheduler config (same training schedule and grid)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+#: demo sampler name -> protocol sampler (on the pipeline's own grid, as the pipeline's scheduler config)
+SAMPLER_RECIPES = {"DDIM": "ddim", "DPM-Solver++": "dpm++2m", "UniPC": "unipc", "S-PNDM": "s-pndm", "F-PNDM": "f-pndm"}
 
-    from ..samplers import PseudoNumericalScheduler, TimeShiftScheduler
-    from ..samplers.bench import kwargs_tolerant, ts_params
 
-    if name == "DDIM":
-        sched = DDIMScheduler.from_config(base_config)
-    elif name == "DPM-Solver++":
-        sched = DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
-    elif name == "UniPC":
-        sched = kwargs_tolerant(UniPCMultistepScheduler).from_config(base_config)  # DDPMPipeline passes generator
-    elif name in ("S-PNDM", "F-PNDM"):
-        sched = PseudoNumericalScheduler.from_config(base_config, method=name.lower())
+def recipe_for(request: RunRequest, family: str, plan: str | None = None) -> tuple[Any, ...]:
+    """The accelerated side as protocol methods: every composition the protocol allows is allowed here too.
+    `plan`: the HarmoniCa plan (shipped name or checked path; default the request's)."""
+    from .. import protocol
+    from ..samplers.bench import ts_params
+
+    r = request
+    methods: list[Any] = []
+    if r.one_step:
+        methods.append(protocol.OneStep(ONE_STEP_ENTRY))
     else:
-        raise RunInputError(f"sampler {name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-    if time_shift:
-        sched = TimeShiftScheduler.wrap(sched, **ts_params(steps))
-    return sched
+        methods.append(protocol.Sampler(SAMPLER_RECIPES[r.sampler], None, grid="model"))
+    if r.time_shift:
+        methods.append(protocol.TimeShift(window=ts_params(r.steps)["window"], cutoff=ts_params(r.steps)["cutoff"]))
+    if r.cache == "encoder propagation":
+        noise = None if family == "ddpm" else (0.003, 0.5)  # prior noise as the paper, on latent models
+        methods.append(protocol.EncoderPropagation(r.ep_schedule, parallel=r.ep_parallel, prior_noise=noise))
+    elif r.cache == "HarmoniCa plan":
+        methods.append(protocol.HarmoniCa(plan or (r.cache_plan or "").strip()))
+    elif r.cache == "FORA":
+        methods.append(protocol.FORA(r.fora_interval, steps=r.steps))
+    if r.steering == "best-of-N":
+        methods.append(protocol.BestOfN(r.particles))
+    elif r.steering == "FK steering":
+        every = max(1, r.steps // 5)
+        methods.append(protocol.FKSteering(k=r.particles, potential=r.potential, every=every,
+                                           start=min(every, r.steps - 1), end=r.steps - 1))
+    return tuple(methods)
+
+
+def check_recipe(loaded: LoadedPipeline, request: RunRequest, access: LocalAccess | None = None) -> tuple[Any, ...]:
+    """The request's methods, or `RunInputError` with the protocol's reason (naming both methods)."""
+    from ..protocol import CompositionError, check
+
+    plan = plan_reference(request, access) if request.cache == "HarmoniCa plan" else None
+    try:
+        methods = recipe_for(request, loaded.family, plan)
+        check(loaded.pipe, *methods)
+    except (CompositionError, ValueError) as exc:
+        raise RunInputError(str(exc)) from exc
+    return methods
 
 
 def sampler_label(request: RunRequest) -> str:
+    if request.one_step:
+        return f"one-step student {ONE_STEP_ENTRY}, 1 step, no CFG"
     label = f"{request.sampler}, {request.steps} steps"
     if request.time_shift:
         from ..samplers.bench import ts_params
@@ -509,71 +493,33 @@ def sampler_label(request: RunRequest) -> str:
 
 @contextlib.contextmanager
 def accelerated(loaded: LoadedPipeline, request: RunRequest, access: LocalAccess | None = None
-                ) -> Iterator[list[str]]:
-    """Swap in the accelerated sampler and attach the cache for the duration of the block; always undo both.
+                ) -> Iterator[Any]:
+    """`diffaccel.accelerate` with the request's recipe for the duration of the block; always removed after.
 
-    Yields a list of notes (what was attached) that the caller may extend."""
-    pipe = loaded.pipe
-    notes: list[str] = []
-    remove: Callable[[Any], None] | None = None
-    pipe.scheduler = build_sampler(request.sampler, loaded.scheduler.config, request.time_shift, request.steps)
+    Yields the handle (``handle(...)`` generates; ``str(handle)`` is the recipe)."""
+    from ..protocol import accelerate
+
+    methods = check_recipe(loaded, request, access)
     try:
-        if request.cache == "encoder propagation":
-            from ..caching import EncoderPropagationConfig, apply_encoder_propagation, remove_encoder_propagation
-
-            ep = EncoderPropagationConfig(request.ep_schedule, parallel=request.ep_parallel)
-            if loaded.family == "ddpm":  # prior noise injection is defined for the Stable Diffusion family only
-                ep = dataclasses.replace(ep, noise_injection=None)
-            try:
-                apply_encoder_propagation(pipe, ep)
-            except (TypeError, ValueError) as exc:
-                raise RunInputError(f"encoder propagation cannot be applied: {exc}") from exc
-            remove = remove_encoder_propagation
-            notes.append(f"encoder propagation: schedule {request.ep_schedule}, "
-                         f"{'parallel' if request.ep_parallel else 'sequential'} decoding")
-        elif request.cache in ("HarmoniCa plan", "FORA"):
-            api = harmonica_api()
-            if api is None:
-                raise RunInputError(f"cache {request.cache!r} is not available in this build")
-            plan = _harmonica_plan(api, pipe, request, access)
-            try:
-                api.apply_cache_plan(pipe, plan)
-            except (TypeError, ValueError) as exc:
-                raise RunInputError(f"{request.cache} cannot be applied: {exc}") from exc
-            remove = api.remove_cache_plan
-            what = f"interval {request.fora_interval}" if request.cache == "FORA" else f"plan {request.cache_plan}"
-            cur = getattr(plan, "usage_ratio", None)
-            notes.append(f"{request.cache}: {what}" + (f", cache-usage ratio {cur:.0%}" if cur is not None else ""))
-        yield notes
+        handle = accelerate(loaded.pipe, *methods)
+    except (TypeError, ValueError) as exc:
+        raise RunInputError(f"cannot apply {' + '.join(map(str, methods))}: {exc}") from exc
+    try:
+        yield handle
     finally:
-        if remove is not None:
-            remove(pipe)
-        pipe.scheduler = loaded.scheduler
+        handle.remove()
 
 
-def _harmonica_plan(api: Any, pipe: Any, request: RunRequest, access: LocalAccess | None = None) -> Any:
-    from ..core import find_denoiser
+def plan_reference(request: RunRequest, access: LocalAccess | None = None) -> str:
+    """The HarmoniCa plan the request names: a shipped plan's name, or a plan file — only inside the models folder
+    when the demo is exposed (`access.restricted`), like a model folder."""
+    from ..caching import shipped_plans
 
-    if request.cache == "FORA":
-        denoiser = find_denoiser(pipe)
-        if getattr(denoiser, "transformer_blocks", None) is None:
-            raise RunInputError(f"FORA needs a transformer with transformer_blocks; {request.model!r} has none")
-        from ..core.hooks import dedupe_consecutive
-
-        # the plan has one row per distinct denoiser timestep (multi-evaluation samplers such as F-PNDM run more
-        # model calls than transitions), counted as the cache's step tracker counts them
-        pipe.scheduler.set_timesteps(request.steps)
-        num_steps = len(dedupe_consecutive([float(t) for t in pipe.scheduler.timesteps]))
-        try:
-            num_units = len(api.unit_modules(denoiser))
-            return api.fora_plan(num_steps, num_units, request.fora_interval, model=pipe)
-        except (TypeError, ValueError) as exc:
-            raise RunInputError(f"FORA plan: {exc}") from exc
     key = (request.cache_plan or "").strip()
-    plans = api.shipped_plans()
+    plans = shipped_plans()
     if key in plans:
-        path = Path(plans[key])
-    elif access is not None and access.restricted:  # a plan file, like a model folder, only under --models-dir
+        return key
+    if access is not None and access.restricted:
         try:
             folder = access.folder(str(Path(key).parent))
         except InputError:
@@ -582,15 +528,12 @@ def _harmonica_plan(api: Any, pipe: Any, request: RunRequest, access: LocalAcces
         if path is None or not path.is_file() or path.resolve().parent != folder:
             raise RunInputError(f"HarmoniCa plan {key!r} is neither a shipped plan "
                                 f"({', '.join(sorted(plans)) or 'none'}) nor a plan file in the models folder")
-    else:
-        path = Path(key).expanduser()
+        return str(path)
+    path = Path(key).expanduser()
     if not path.exists():
         raise RunInputError(f"HarmoniCa plan {key!r} is neither a shipped plan ({', '.join(sorted(plans)) or 'none'}) "
                             "nor an existing file")
-    try:
-        return api.CachePlan.load(path)
-    except Exception as exc:  # noqa: BLE001 - a bad plan file becomes a message
-        raise RunInputError(f"cannot read HarmoniCa plan {key!r}: {type(exc).__name__}: {exc}") from exc
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------- the runner
@@ -703,66 +646,42 @@ class DemoRunner:
 
     def _accelerated_side(self, loaded: LoadedPipeline, request: RunRequest, prompt: str, label: int | None,
                           guidance: float | None) -> SideResult:
-        n, seed = request.num_images, request.seed
-        if request.one_step:
-            student = self.models.get(ONE_STEP_ENTRY)
-            side = self._plain_side(loaded, "accelerated", f"one-step student {ONE_STEP_ENTRY}, 1 step, no CFG",
-                                    prompt, label, n, seed, 1, None, request.warmup, pipe=student.pipe,
-                                    family=student.family)
-            side.notes.append("the one-step student runs without classifier-free guidance (distilled)")
-            return side
+        n, seed, k = request.num_images, request.seed, request.particles
+        steps = 1 if request.one_step else request.steps
         config = sampler_label(request)
-        with accelerated(loaded, request, self.access) as notes:
-            if request.steering == "none":
-                side = self._plain_side(loaded, "accelerated", config, prompt, label, n, seed, request.steps,
-                                        guidance, request.warmup)
-            else:
-                side = self._steered_side(loaded, request, config, prompt, label, guidance)
+        if request.steering == "best-of-N":
+            config = f"best-of-{k} ({config}, eta 0; reward: digits-features log p(digit))"
+        elif request.steering == "FK steering":
+            every = max(1, steps // 5)
+            config = (f"FK steering, k={k}, potential {request.potential}, resample every {every} steps "
+                      f"({config}, eta 1; reward: digits-features log p(digit))")
+        with accelerated(loaded, request, self.access) as handle:
+            family = families.family_for(loaded.pipe)
+            cond = label if family.conditioning_kind == "class" else prompt
+            # the student is distilled without CFG: guidance 1 keeps the pipeline from batching unconditional rows
+            kw = family.call_kwargs(cond, n, steps, 1.0 if request.one_step else guidance, output_type="pt")
+            kw.pop("num_inference_steps")
+            gens = n * k if request.steering == "FK steering" else n  # FK: one generator per particle
+
+            def call() -> Any:
+                with torch.no_grad():
+                    return handle(**kw, num_inference_steps=steps, generator=make_generators(seed, gens)).images
+
+            try:
+                images, seconds, calls, rows = self._timed(loaded.pipe, call, request.warmup)
+            except RunInputError:
+                raise
+            except (TypeError, ValueError) as exc:
+                raise RunInputError(f"accelerated run ({handle}) failed: {exc}") from exc
+            notes = handle.notes
+        side = SideResult("accelerated", config, to_uint8(images.float().cpu()), seconds / n, seconds, calls,
+                          rows / n / _cfg_rows(loaded.family, None if request.one_step else guidance))
+        side.notes.append(f"recipe: {handle}")
+        if request.one_step:
+            side.notes.append("the one-step student runs without classifier-free guidance (distilled)")
         if notes:
             side.config += " + " + "; ".join(notes)
         return side
-
-    def _steered_side(self, loaded: LoadedPipeline, request: RunRequest, config: str, prompt: str, label: int,
-                      guidance: float | None) -> SideResult:
-        from ..samplers.steering import ClassifierReward, FKConfig, FKSteering, best_of_n
-
-        pipe, n, seed, steps, k = loaded.pipe, request.num_images, request.seed, request.steps, request.particles
-        reward = ClassifierReward(self.classifier, label_fn=lambda _prompt: label)
-        if request.steering == "best-of-N":
-            cond = prompt if loaded.family == "sd" else label
-
-            def call() -> torch.Tensor:
-                outs = [best_of_n(pipe, cond, reward, n=k, num_inference_steps=steps, guidance_scale=guidance,
-                                  eta=0.0, generator=make_generator(seed + i)).image for i in range(n)]
-                return torch.cat(outs)
-
-            config = f"best-of-{k} ({config}, eta 0; reward: digits-features log p(digit))"
-        else:
-            every = max(1, steps // 5)
-            fk_config = FKConfig(num_particles=k, potential=request.potential, resample_every=every,
-                                 resample_start=min(every, steps - 1), resample_end=steps - 1)
-            fk = FKSteering(pipe, reward, fk_config)
-
-            def call() -> torch.Tensor:
-                gens = make_generators(seed, n * k)
-                if loaded.family == "sd":
-                    out = fk([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                             output_type="pt")
-                else:
-                    out = fk(class_labels=[label] * n, num_inference_steps=steps, guidance_scale=guidance,
-                             generator=gens, output_type="pt")
-                return out.images[out.best()]
-
-            config = (f"FK steering, k={k}, potential {request.potential}, resample every {every} steps "
-                      f"({config}, eta 1; reward: digits-features log p(digit))")
-        try:
-            images, seconds, calls, rows = self._timed(pipe, call, request.warmup)
-        except (TypeError, ValueError) as exc:
-            raise RunInputError(f"{request.steering} failed: {exc}") from exc
-        from ..core import to_uint8
-
-        return SideResult("accelerated", config, to_uint8(images.float().cpu()), seconds / n, seconds, calls,
-                          rows / n / _cfg_rows(loaded.family, guidance))
 
     # -------------------------------------------------------------------------------------------- quality
 

@@ -31,8 +31,6 @@ from .runner import (
     RunInputError,
     RunRequest,
     RunResult,
-    harmonica_api,
-    one_step_available,
     shipped_plan_names,
     zoo_family,
     zoo_pipelines,
@@ -137,10 +135,8 @@ class DemoApp:
         from ..samplers.steering.potentials import POTENTIALS
 
         d = self.defaults
-        hc = harmonica_api() is not None
-        caches = [c for c in CACHES if hc or c not in ("HarmoniCa plan", "FORA")]
+        caches = list(CACHES)
         plans = shipped_plan_names()
-        student = one_step_available()
         models = zoo_pipelines()
         access = self.runner.access
         model_info = ("zoo pipeline, local diffusers pipeline folder, or a hub id already in the local cache "
@@ -183,8 +179,6 @@ class DemoApp:
                     with gr.Accordion("cache", open=True):
                         cache = gr.Radio(caches, value=d.cache if d.cache in caches else "none", label="cache",
                                          elem_id="cache")
-                        if not hc:
-                            gr.Markdown("*HarmoniCa plan and FORA: not available in this build.*")
                         with gr.Row():
                             ep_schedule = gr.Dropdown(list(EP_SCHEDULES), value=d.ep_schedule,
                                                       label="encoder-propagation key steps")
@@ -192,9 +186,9 @@ class DemoApp:
                         with gr.Row():
                             cache_plan = gr.Dropdown(plans, value=d.cache_plan or (plans[0] if plans else None),
                                                      allow_custom_value=True, label="HarmoniCa plan",
-                                                     interactive=hc)
+                                                     interactive=True)
                             fora_interval = gr.Slider(*LIMITS["fora_interval"], value=d.fora_interval, step=1,
-                                                      label="FORA interval", interactive=hc)
+                                                      label="FORA interval", interactive=True)
                     with gr.Accordion("steering / search", open=True):
                         steering = gr.Radio(list(STEERING), value=d.steering, label="steering / search",
                                             elem_id="steering")
@@ -204,9 +198,8 @@ class DemoApp:
                             potential = gr.Dropdown(list(POTENTIALS), value=d.potential, label="FK potential")
                     with gr.Accordion("one-step student", open=True):
                         one_step = gr.Checkbox(
-                            d.one_step and student, interactive=student, elem_id="one-step",
-                            label=f"one-step student {ONE_STEP_ENTRY} (model {ONE_STEP_TEACHER})" if student else
-                            "one-step student: not available in this build")
+                            d.one_step, interactive=True, elem_id="one-step",
+                            label=f"one-step student {ONE_STEP_ENTRY} (model {ONE_STEP_TEACHER})")
                 with gr.Column(scale=2):
                     message = gr.Markdown("", elem_id="message")
                     speedup = gr.Markdown("", elem_id="speedup")
@@ -267,11 +260,12 @@ _SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "DDIM", "DPMSolverMultistepScheduler":
 def _plan_setting(name: str | None) -> tuple[int, str | None] | None:
     """(steps, sampler) a HarmoniCa plan was made for — the accelerated side must match both — or None if the plan
     cannot be read (the run then reports why)."""
-    api = harmonica_api()
-    if api is None or not name:
+    from ..caching import CachePlan, shipped_plans
+
+    if not name:
         return None
     try:
-        plan = api.CachePlan.load(api.shipped_plans().get(name, name))
+        plan = CachePlan.load(shipped_plans().get(name, name))
     except Exception:  # noqa: BLE001 - an unreadable plan is reported when the run is attempted
         return None
     return plan.num_steps, _SAMPLER_OF_SCHEDULER.get(plan.scheduler_class or "")

@@ -728,7 +728,8 @@ def _rank_worker(args) -> int:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.backend == "nccl" else torch.device("cpu")
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         if args.worker_tiny:
-            from diffaccel.parallel._workers import tiny_unet
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "parallel"))
+            from workers import tiny_unet  # the parallel tests' tiny UNet (tests/parallel/workers.py)
 
             unet, latent = tiny_unet(dtype).to(dev), 16
         else:

@@ -310,8 +310,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def plot(rows: list[dict], speed: dict[str, dict], path: Path) -> None:
-    """FID vs speed-up (XL wall clock where measured, else digits-dit FLOPs ratio), drawn with PIL."""
-    from PIL import Image, ImageDraw
+    """FID vs speed-up (XL wall clock where measured, else digits-dit FLOPs ratio); FORA rows joined."""
+    from plots import labelled_scatter
 
     pts = []
     for r in rows:
@@ -319,43 +319,10 @@ def plot(rows: list[dict], speed: dict[str, dict], path: Path) -> None:
         x = 1.0 if r["row"] == "no cache" else (s["speedup"] if s else None)
         if x is not None:
             pts.append((r["row"], x, r["fid"]))
-    if not pts:
-        return
-    w, h, ml, mt, mb, legend = 560, 400, 60, 30, 45, 230
-    img = Image.new("RGB", (w + legend, h), "white")
-    d = ImageDraw.Draw(img)
-    lo_x, hi_x = min(p[1] for p in pts) * 0.95, max(p[1] for p in pts) * 1.05
-    lo_y, hi_y = 0.0, max(p[2] for p in pts) * 1.1
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return (ml + (x - lo_x) / (hi_x - lo_x) * (w - ml - 20), mt + (1 - (y - lo_y) / (hi_y - lo_y)) * (h - mt - mb))
-
-    d.rectangle([ml, mt, w - 20, h - mb], outline="black")
-    d.text((ml, 8), "digits-dit FID (20 steps) vs DiT-XL/2-size wall speed-up (measured loop or per-call prediction)",
-           fill="black")
-    for k in range(6):
-        xv = lo_x + (hi_x - lo_x) * k / 5
-        yv = lo_y + (hi_y - lo_y) * k / 5
-        x, _ = px(xv, lo_y)
-        d.line([x, h - mb, x, h - mb + 4], fill="black")
-        d.text((x - 12, h - mb + 6), f"{xv:.2f}x", fill="black")
-        _, y = px(lo_x, yv)
-        d.line([ml - 4, y, ml, y], fill="black")
-        d.text((8, y - 6), f"{yv:.1f}", fill="black")
-    d.text((w // 2 - 40, h - 16), "wall speed-up (x)", fill="black")
-    colors = {"no cache": (0, 0, 0), "FORA": (214, 39, 40), "random": (127, 127, 127), "harmonica": (31, 119, 180),
-              "no-sdt": (255, 127, 14), "no-iepo": (44, 160, 44)}
-    fora = sorted((x, y) for name, x, y in pts if name == "no cache" or name.startswith("FORA"))
-    if len(fora) > 1:
-        d.line([px(x, y) for x, y in fora], fill=colors["FORA"], width=1)
-    for i, (name, x, y) in enumerate(pts):
-        kind = next((k for k in colors if k in name), "no cache")
-        cx, cy = px(x, y)
-        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colors[kind])
-        d.text((w + 8, mt + 16 * i), f"{name}: {x:.2f}x, FID {y:.2f}", fill=colors[kind])
-        d.text((cx + 5, cy - 12), str(i + 1), fill=colors[kind])
-        d.text((w - 2, mt + 16 * i), str(i + 1), fill=colors[kind])
-    img.save(path)
+    if pts:
+        labelled_scatter(pts, path, "digits-dit FID (20 steps) vs DiT-XL/2-size wall speed-up (measured loop or "
+                         "per-call prediction)", "wall speed-up (x)", "FID (digits-features)",
+                         line=[p[0] for p in pts if p[0] == "no cache" or p[0].startswith("FORA")])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,8 +61,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/parallel"))
     args = p.parse_args()
 
-    from diffaccel.parallel import _bench
-    from diffaccel.parallel.testing import run_distributed
+    import parallel_workers as _bench  # this folder (the script's) is on sys.path
+    from distributed import run_distributed
 
     results = []
     for world in args.world:

@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ def per_layer_times(model: nn.Module, kw: dict) -> dict[str, float]:
 def analytic_bytes(model: nn.Module, kw: dict, n: int, elt: int, fraction: float) -> dict[str, dict[str, float]]:
     """Bytes sent per call by an interior rank, per kind and mode (spec section 10; stride-2 convs send no lower
     halo). Shapes come from one single-device call."""
-    from diffaccel.parallel._workers import expected_bytes, layer_shapes
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "parallel"))
+    from workers import expected_bytes, layer_shapes  # the parallel tests' byte model (tests/parallel/workers.py)
 
     shapes = layer_shapes(model, kw)
     key = "sample" if "sample" in kw else "hidden_states"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -158,60 +157,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214, 39, 40), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
 def plot(rows: list[dict], path: Path) -> None:
-    """FID vs NFE (log x), one panel per model, drawn with PIL (no matplotlib in the project's environment)."""
-    from PIL import Image, ImageDraw
+    """FID vs NFE (log x), one panel per model, one curve per sampler."""
+    from plots import curves
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    pw, ph, ml, mt, mb = 520, 380, 60, 30, 40
-    legend_w = 200
-    img = Image.new("RGB", (pw * len(models) + legend_w, ph), "white")
-    d = ImageDraw.Draw(img)
-    samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in rows)]
-    color = {s: _COLORS[i % len(_COLORS)] for i, s in enumerate(samplers)}
-    for mi, model in enumerate(models):
-        mrows = [r for r in rows if r["model"] == model and r["sampler"] in color]
-        x0 = mi * pw
-        nfes = sorted({r["nfe_target"] for r in mrows})
-        fids = [r["fid"] for r in mrows]
-        lo_x, hi_x = math.log(min(nfes)), math.log(max(nfes)) + 1e-9
-        hi_y = max(fids) * 1.05
-        lo_y = 0.0
-
-        def px(n, f, x0=x0, lo_x=lo_x, hi_x=hi_x, hi_y=hi_y, lo_y=lo_y):
-            x = x0 + ml + (math.log(n) - lo_x) / (hi_x - lo_x) * (pw - ml - 20)
-            y = mt + (1 - (f - lo_y) / (hi_y - lo_y)) * (ph - mt - mb)
-            return x, y
-
-        d.rectangle([x0 + ml, mt, x0 + pw - 20, ph - mb], outline="black")
-        d.text((x0 + ml, 8), f"{model}: FID vs NFE", fill="black")
-        for n in nfes:
-            x, _ = px(n, lo_y)
-            d.line([x, ph - mb, x, ph - mb + 4], fill="black")
-            d.text((x - 6, ph - mb + 6), str(n), fill="black")
-        for k in range(6):
-            f = lo_y + (hi_y - lo_y) * k / 5
-            _, y = px(nfes[0], f)
-            d.line([x0 + ml - 4, y, x0 + ml, y], fill="black")
-            d.text((x0 + 8, y - 6), f"{f:.1f}", fill="black")
-        d.text((x0 + pw // 2 - 20, ph - 16), "NFE (log)", fill="black")
-        for s in samplers:
-            pts = sorted((r["nfe_target"], r["fid"]) for r in mrows if r["sampler"] == s)
-            xy = [px(n, f) for n, f in pts]
-            if len(xy) > 1:
-                d.line(xy, fill=color[s], width=2)
-            for x, y in xy:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color[s])
-    for i, s in enumerate(samplers):
-        y = mt + 18 * i
-        x = pw * len(models) + 10
-        d.line([x, y + 6, x + 20, y + 6], fill=color[s], width=3)
-        d.text((x + 26, y), s, fill="black")
-    img.save(path)
+    panels = [(f"{model}: FID vs NFE", "FID (digits-features)",
+               {s: [(r["nfe_target"], r["fid"]) for r in rows if r["model"] == model and r["sampler"] == s]
+                for s in SAMPLERS if any(r["model"] == model and r["sampler"] == s for r in rows)})
+              for model in models]
+    curves(panels, path, "NFE (log)")
 
 
 def report(args: argparse.Namespace) -> str:

@@ -120,61 +120,22 @@ def run(args) -> None:
                   f"clip {row['clip_score']:.2f} nfe {row['nfe']:.0f} ({row['seconds']:.0f}s)", file=sys.stderr)
 
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (214, 39, 40), (140, 86, 75),
-           (227, 119, 194)]
-
-
 def plot(rows: list[dict], path: Path) -> None:
-    """Mean reward and class accuracy vs NFE (log x), drawn with PIL (no matplotlib in the environment)."""
-    from PIL import Image, ImageDraw
+    """Mean reward and class accuracy vs NFE (log x), one curve per method starting from its base sample."""
+    from plots import curves
 
-    panels = [("reward", "mean reward (log p(digit))"), ("accuracy", "class accuracy")]
     methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("base")))
-    color = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(methods)}
     bases = {"base": next((r for r in rows if r["method"] == "base"), None),
              "base eta=1": next((r for r in rows if r["method"] == "base eta=1"), None)}
-    pw, ph, ml, mt, mb, legend = 460, 340, 60, 30, 40, 170
-    img = Image.new("RGB", (pw * 2 + legend, ph), "white")
-    d = ImageDraw.Draw(img)
-    nfes = sorted({r["nfe"] for r in rows})
-    lo_x, hi_x = math.log(min(nfes)), math.log(max(nfes)) + 1e-9
-    for pi, (key, title) in enumerate(panels):
-        x0 = pi * pw
-        vals = [r[key] for r in rows]
-        lo_y, hi_y = min(vals), max(vals)
-        pad = (hi_y - lo_y) * 0.08 + 1e-6
-        lo_y, hi_y = lo_y - pad, hi_y + pad
-
-        def px(n, v, x0=x0, lo_y=lo_y, hi_y=hi_y):
-            return (x0 + ml + (math.log(n) - lo_x) / (hi_x - lo_x) * (pw - ml - 20),
-                    mt + (1 - (v - lo_y) / (hi_y - lo_y)) * (ph - mt - mb))
-
-        d.rectangle([x0 + ml, mt, x0 + pw - 20, ph - mb], outline="black")
-        d.text((x0 + ml, 8), f"{title} vs NFE", fill="black")
-        for n in nfes:
-            x, _ = px(n, lo_y)
-            d.line([x, ph - mb, x, ph - mb + 4], fill="black")
-            d.text((x - 8, ph - mb + 6), f"{n:.0f}", fill="black")
-        for k in range(5):
-            v = lo_y + (hi_y - lo_y) * k / 4
-            _, y = px(nfes[0], v)
-            d.line([x0 + ml - 4, y, x0 + ml, y], fill="black")
-            d.text((x0 + 6, y - 6), f"{v:.3f}", fill="black")
-        d.text((x0 + pw // 2 - 20, ph - 16), "NFE per prompt (log)", fill="black")
+    panels = []
+    for key, title in (("reward", "mean reward (log p(digit))"), ("accuracy", "class accuracy")):
+        series = {}
         for m in methods:
-            pts = sorted((r["nfe"], r[key]) for r in rows if r["method"] == m)
+            pts = [(r["nfe"], r[key]) for r in rows if r["method"] == m]
             base = bases["base" if m in ("best-of-N", "zero-order") else "base eta=1"]
-            if base is not None:
-                pts = [(base["nfe"], base[key]), *pts]
-            xy = [px(n, v) for n, v in pts]
-            d.line(xy, fill=color[m], width=2)
-            for x, y in xy:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color[m])
-    for i, m in enumerate(methods):
-        y, x = mt + 18 * i, pw * 2 + 10
-        d.line([x, y + 6, x + 20, y + 6], fill=color[m], width=3)
-        d.text((x + 26, y), m, fill="black")
-    img.save(path)
+            series[m] = ([(base["nfe"], base[key])] if base is not None else []) + pts
+        panels.append((f"{title} vs NFE", title, series))
+    curves(panels, path, "NFE per prompt (log)")
 
 
 def paired(rows: list[dict], r: dict) -> str:

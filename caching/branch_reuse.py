@@ -48,6 +48,7 @@ from ..core.hooks import (
     register_hook,
     remove_hooks,
 )
+from .masks import StepUnitMask
 
 STEP_HOOK = "diffaccel.branch_reuse.step"
 UNIT_HOOK = "diffaccel.branch_reuse.unit"
@@ -118,7 +119,7 @@ def num_branches(unet: nn.Module) -> int:
 
 
 @dataclass
-class BranchReusePlan:
+class BranchReusePlan(StepUnitMask):
     """Binary plan [steps x units] (True = compute) for one UNet layout; `metadata` holds free-form strings."""
 
     mask: torch.Tensor
@@ -140,14 +141,6 @@ class BranchReusePlan:
             self.unit_names = tuple(self.unit_names)
             if len(self.unit_names) != self.num_units:
                 raise ValueError(f"{len(self.unit_names)} unit names for a plan with {self.num_units} units")
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def num_units(self) -> int:
-        return int(self.mask.shape[1])
 
     @property
     def num_branches(self) -> int:
@@ -400,12 +393,9 @@ def remove_branch_reuse(model: Any) -> None:
 
 
 def _state(model: Any) -> _State:
-    from ..core.hooks import get_hook
+    from ..core.hooks import hook_state
 
-    hook = get_hook(find_denoiser(model), STEP_HOOK)
-    if hook is None:
-        raise ValueError("no branch reuse plan is attached to this model")
-    return hook.state
+    return hook_state(model, STEP_HOOK, "a branch reuse plan")
 
 
 def branch_reuse_counters(model: Any) -> BranchReuseCounters:

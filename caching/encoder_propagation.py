@@ -1,4 +1,7 @@
-"""Encoder propagation (EP) for diffusers UNets, as `diffusers.hooks` on the stock modules (spec §2).
+"""Encoder propagation (EP) for diffusers UNets, as `diffusers.hooks` on the stock modules.
+
+(Over 450 lines: the config, the three hooks that share one per-UNet state, parallel decoding and prior noise
+injection are one method whose pieces only make sense together; key-step schedules live in `key_steps.py`.)
 
 Li et al., "Faster Diffusion: Rethinking the Role of UNet Encoder in Diffusion Models", NeurIPS 2024. The UNet
 encoder (`conv_in`, `down_blocks`, `mid_block`) runs only at key steps k; a non-key step s reuses the encoder
@@ -39,6 +42,7 @@ from ..core.hooks import (
     get_argument,
     get_hook,
     has_hook,
+    hook_state,
     input_signature,
     register_hook,
     remove_hooks,
@@ -180,6 +184,8 @@ class _EPState:
         computed for the old rows, are dropped (the next non-key step decodes afresh)."""
         self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
         self.stash.clear()
+        if self.last_injection is not None:  # prior noise: each particle keeps its ancestor's z_T
+            self.last_injection.noise = take_rows(self.last_injection.noise, rows)
 
     def _new_generation(self) -> None:
         self.cache.clear()
@@ -534,11 +540,7 @@ def apply_encoder_propagation(model_or_pipe: Any, config: EncoderPropagationConf
 
 
 def _state(model_or_pipe: Any) -> _EPState:
-    unet = find_denoiser(model_or_pipe)
-    hook = get_hook(unet, DENOISER_HOOK)
-    if hook is None:
-        raise InputError("encoder propagation is not applied to this model")
-    return hook.state
+    return hook_state(model_or_pipe, DENOISER_HOOK, "encoder propagation")
 
 
 def remove_encoder_propagation(model_or_pipe: Any) -> None:

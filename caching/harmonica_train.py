@@ -49,7 +49,8 @@ import torch
 from ..core.errors import InputError
 from ..core.families import DiTFamily, family_class
 from ..core.files import atomic_save
-from .harmonica import DEFAULT_THRESHOLD, CachePlan, Router, attach_router, remove_cache_plan
+from ..samplers.loop import sample
+from .harmonica import DEFAULT_THRESHOLD, CacheMode, CachePlan, Router, attach_router, remove_cache_plan
 
 
 @dataclass
@@ -145,9 +146,8 @@ def generate(sampler: DiTSampler, state: Any, x: torch.Tensor, labels: torch.Ten
     """One no-grad generation with the soft forward and the given per-row gates; returns the final latent x_0."""
     sched = sampler.fresh_scheduler()
     state.clear()
-    state.mode, state.gates = "soft", gates
-    for t in sched.timesteps:
-        x = sampler.step(sched, sampler.eps(x, t, labels, sched), t, x)
+    state.mode, state.gates = CacheMode.SOFT, gates
+    x = sample(lambda z, t: sampler.eps(z, t, labels, sched), x, sched.timesteps, scheduler=sched)
     state.gates = None
     return x
 
@@ -281,22 +281,22 @@ def _trajectory(sampler: DiTSampler, state: Any, router: Router, opt: torch.opti
     for s, t in enumerate(sched.timesteps):
         if s == 0:
             with torch.no_grad():
-                state.mode, state.gates = ("soft" if config.sdt else "teacher_write"), (lambda k: None)
+                state.mode, state.gates = (CacheMode.SOFT if config.sdt else CacheMode.TEACHER_WRITE), (lambda k: None)
                 eps = sampler.eps(x, t, labels, sched)
             x = sampler.step(sched, eps, t, x)
             continue
         scores = router.row_scores(s)
         if config.sdt:
             with torch.no_grad():
-                state.mode = "teacher"
+                state.mode = CacheMode.TEACHER
                 eps_t = sampler.eps(x, t, labels, sched)
-            state.mode, state.gates = "soft", (lambda k, r=scores: r)
+            state.mode, state.gates = CacheMode.SOFT, (lambda k, r=scores: r)
             eps_s = sampler.eps(x, t, labels, sched)
         else:  # L2C-like: blend with the teacher's exact features of step s-1, then cache the teacher's features
-            state.mode, state.gates = "soft_readonly", (lambda k, r=scores: r)
+            state.mode, state.gates = CacheMode.SOFT_READONLY, (lambda k, r=scores: r)
             eps_s = sampler.eps(x, t, labels, sched)
             with torch.no_grad():
-                state.mode = "teacher_write"
+                state.mode = CacheMode.TEACHER_WRITE
                 eps_t = sampler.eps(x, t, labels, sched)
         state.gates = None
         mse = torch.mean((eps_t - eps_s) ** 2)

@@ -268,6 +268,17 @@ def get_hook(module: torch.nn.Module, name: str) -> ModelHook | None:
     return None if registry is None else registry.get_hook(name)
 
 
+def hook_state(model_or_pipe: Any, name: str, what: str) -> Any:
+    """The shared state of the hook `name` on a model's (or pipeline's) denoiser; `ValueError` naming `what` when
+    it is not attached (an `InputError`)."""
+    from .errors import InputError
+
+    hook = get_hook(find_denoiser(model_or_pipe), name)
+    if hook is None:
+        raise InputError(f"{what} is not applied to this model (nothing attached)")
+    return hook.state
+
+
 def register_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
     """Register `hook` as the outermost hook on `module` under `name` (registered after any existing hooks)."""
     registry = HookRegistry.check_if_exists_or_initialize(module)

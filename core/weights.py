@@ -30,16 +30,29 @@ def digest_folder(folder: str | Path, exclude: Iterable[str] = (CARD,)) -> dict[
             and not any(part.startswith(".") for part in f.relative_to(folder).parts)}
 
 
+#: files already hashed in this process, by identity (device, inode, size, mtime): a file that has not changed
+#: since it was verified is not read again (repeated loads of one model cost no hashing)
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+
+
+def _digest(f: Path) -> str:
+    st = f.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(f)
+    return _VERIFIED[key]
+
+
 def verify_digests(folder: str | Path, digests: dict[str, str], *, fix: str, what: str | None = None) -> None:
     """Raise `WeightsError` naming the first file of `digests` that is missing from `folder` or has another
-    SHA-256 than recorded."""
+    SHA-256 than recorded (a file unchanged since this process last hashed it is not read again)."""
     folder = Path(folder)
     what = what or str(folder)
     for rel, want in sorted(digests.items()):
         f = folder / rel
         if not f.is_file():
             raise WeightsError(f"{what}: file {rel} is missing; {fix}")
-        if sha256_file(f) != want:
+        if _digest(f) != want:
             raise WeightsError(f"{what}: file {rel} is corrupt (its SHA-256 differs from the one recorded in "
                                f"{CARD}); {fix}")
 

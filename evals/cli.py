@@ -83,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "feature distance against its images (default: the suite's own pairing, if any)")
     b.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting call (a plain warm-up instead)")
     b.add_argument("--threads", type=threads_option, default=None, help="torch CPU threads")
+    b.add_argument("--out", type=Path, default=None,
+                   help="folder for the suite's report files (suites with a report, e.g. pareto: markdown table and "
+                        "plot; default outputs/bench-<suite>)")
     b.add_argument("--list", action="store_true", help="list the suites and their configurations, then exit")
     b.add_argument("--json", action="store_true", help="print {'results': [...]} as JSON on stdout")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -236,7 +239,7 @@ def _assumed_extractor(name: str | None, clip_model: str) -> str | None:
 def cmd_bench(args) -> int:
     import torch
 
-    from .harness import DEFAULT_STEPS, SUITES, format_table, missing_requirements, run_bench
+    from .harness import DEFAULT_STEPS, REPORTS, SUITES, format_table, missing_requirements, run_bench
 
     if args.list:
         for name, builder in SUITES.items():
@@ -266,4 +269,9 @@ def cmd_bench(args) -> int:
         print(json.dumps({"suite": args.suite, "results": [r.as_dict() for r in results]}))
     else:
         print(format_table(results))
+    if args.suite in REPORTS:
+        out = args.out or Path("outputs") / f"bench-{args.suite}"
+        command = "diffaccel " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"diffaccel bench --suite {args.suite}"
+        for path in REPORTS[args.suite](results, out, command):
+            _log(args, f"wrote {path}")
     return 0

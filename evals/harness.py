@@ -313,12 +313,18 @@ def smoke_suite(steps: int = 4) -> list[BenchConfig]:
 
 SUITES: dict[str, Callable[[int], list[BenchConfig]]] = {"baseline": baseline_suite, "smoke": smoke_suite}
 DEFAULT_STEPS = {"baseline": 50, "smoke": 4}
+#: suite name -> report(results, out_dir, command) writing files (e.g. the Pareto table and plot); returns paths
+REPORTS: dict[str, Callable[..., Sequence[Any]]] = {}
 
 
-def register_suite(name: str, builder: Callable[[int], list[BenchConfig]], default_steps: int = 50) -> None:
-    """Add a named suite for `diffaccel bench --suite NAME` (a method issue registers its rows here)."""
+def register_suite(name: str, builder: Callable[[int], list[BenchConfig]], default_steps: int = 50,
+                   report: Callable[..., Sequence[Any]] | None = None) -> None:
+    """Add a named suite for `diffaccel bench --suite NAME` (a method issue registers its rows here), optionally
+    with a report that `bench --out DIR` writes."""
     SUITES[name] = builder
     DEFAULT_STEPS[name] = default_steps
+    if report is not None:
+        REPORTS[name] = report
 
 
 def run_bench(configs: Sequence[BenchConfig], num_images: int = 100, seed: int = 0, *, progress: bool = True,

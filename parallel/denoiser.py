@@ -6,12 +6,14 @@ where its output is gathered.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
+from ..core.hooks import StepTracker, get_argument, input_signature
 from .config import PatchParallelError
 from .state import PatchState
 
@@ -63,18 +65,53 @@ def gather_bands(state: PatchState, band: torch.Tensor, dim: int, layer: str = "
 
 
 class DenoiserHook(ModelHook):
-    """Top-level hook on the denoiser: counts calls, validates, splits CFG halves, enters and exits the bands."""
+    """Top-level hook on the denoiser: notices a new generation, counts calls, validates, splits CFG halves, enters
+    and exits the bands.
 
-    def __init__(self, state: PatchState, adapter: FamilyAdapter) -> None:
+    A generation starts when the step tracker sees the timestep rise (or the input shape change, or a reset from
+    `reset_stateful_hooks`, which `diffaccel.accelerate` runs at every ``set_timesteps``): in-flight transfers of
+    the previous generation are drained and the stale buffers and call counter forgotten. A failing call drops
+    its in-flight transfers (a dead peer has nothing left to send) and the next call starts afresh.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, state: PatchState, adapter: FamilyAdapter, pipe: Any = None) -> None:
         super().__init__()
         self.state, self.adapter = state, adapter
+        self.tracker = StepTracker()
+        self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.tracker.reset()
+        return module
+
+    def _new_generation(self) -> None:
+        pipe = self.pipe_ref() if self.pipe_ref is not None else None
+        if self.state.comm.branches > 1 and getattr(pipe, "do_classifier_free_guidance", True) is False:
+            raise PatchParallelError("cfg_parallel needs classifier-free guidance (guidance_scale > 1)")
+        self.state.reset()
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        try:
+            return self._forward(module, args, kwargs)
+        except BaseException:
+            self.state.pending.clear()
+            self.tracker.reset()
+            raise
+
+    def _forward(self, module: nn.Module, args: tuple, kwargs: dict):
         st, ad = self.state, self.adapter
         name = ad.sample_arg
         sample = args[0] if args else kwargs.get(name)
         if not torch.is_tensor(sample) or sample.ndim != 4:
             raise PatchParallelError(f"expected a 4-D latent as `{name}`, got {type(sample).__name__}")
+        timestep = get_argument(args, kwargs, "timestep", 1)
+        if timestep is not None:
+            generations = self.tracker.generations
+            self.tracker.observe(timestep, input_signature(sample))
+            if self.tracker.generations != generations:
+                self._new_generation()
         for key in ("down_block_additional_residuals", "mid_block_additional_residual",
                     "down_intrablock_additional_residuals"):
             if kwargs.get(key) is not None:

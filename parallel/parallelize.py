@@ -2,13 +2,12 @@
 
 The denoiser (`pipe.unet` or `pipe.transformer`) gets diffusers hooks (`HookRegistry`) on its convs, GroupNorms,
 patch embedding and top level, and a band-parallel attention processor on each self-attention; all of it is
-removed again by `handle.remove()`. The pipeline object keeps its call signature; its class is swapped for a
-subclass whose `__call__` resets the per-call state first and drains in-flight transfers last.
+removed again by `handle.remove()`. The pipeline object itself is not touched: the top-level hook notices each new
+generation (`denoiser.DenoiserHook`), drains the previous one's transfers and resets the per-call state.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -61,7 +60,6 @@ class PatchParallelHandle:
         self.model, self.config, self.state, self.pipe = model, config, state, pipe
         self.hooked: list[nn.Module] = []
         self.processors: list[tuple[nn.Module, Any]] = []
-        self.pipe_class: type | None = None
 
     @property
     def enabled(self) -> bool:
@@ -119,52 +117,8 @@ class PatchParallelHandle:
         for attn, proc in reversed(self.processors):
             attn.set_processor(proc)
         self.processors.clear()
-        if self.pipe is not None and self.pipe_class is not None:
-            self.pipe.__class__ = self.pipe_class
-            self.pipe.__dict__.pop(_ATTR, None)
-            self.pipe_class = None
         if getattr(self.model, _ATTR, None) is self:
             del self.model.__dict__[_ATTR]
-
-    # ------------------------------------------------------------------ pipeline calls
-    def begin_pipeline_call(self, call, pipe: Any, args: tuple, kwargs: dict) -> None:
-        if self.config.cfg_parallel and self.enabled:
-            bound = inspect.signature(call).bind(pipe, *args, **kwargs)
-            bound.apply_defaults()
-            g = bound.arguments.get("guidance_scale")
-            if g is None or g <= 1:
-                raise PatchParallelError(f"cfg_parallel needs classifier-free guidance (guidance_scale > 1); got {g}")
-        self.reset()
-
-    def end_pipeline_call(self, failed: bool) -> None:
-        if not self.state:
-            return
-        if failed:
-            self.state.pending.clear()
-        else:
-            self.state.drain()
-
-
-_PIPE_CLASSES: dict[type, type] = {}
-
-
-def _parallel_pipeline_class(base: type) -> type:
-    """A subclass of the pipeline class whose `__call__` brackets the original with state reset and drain."""
-    if base not in _PIPE_CLASSES:
-        def __call__(self, *args, **kwargs):
-            handle: PatchParallelHandle = self.__dict__[_ATTR]
-            handle.begin_pipeline_call(base.__call__, self, args, kwargs)
-            try:
-                out = base.__call__(self, *args, **kwargs)
-            except BaseException:
-                handle.end_pipeline_call(failed=True)
-                raise
-            handle.end_pipeline_call(failed=False)
-            return out
-
-        _PIPE_CLASSES[base] = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
-                                                            "__qualname__": base.__qualname__})
-    return _PIPE_CLASSES[base]
 
 
 def parallelize(pipe_or_model: Any, config: PatchParallelConfig | None = None) -> PatchParallelHandle:
@@ -213,12 +167,8 @@ def parallelize(pipe_or_model: Any, config: PatchParallelConfig | None = None) -
     handle = PatchParallelHandle(model, config, state, pipe)
     if n > 1:
         adapter.install(model, state, handle._add_hook, handle._add_processor)
-    handle._add_hook(model, DenoiserHook(state, adapter))
+    handle._add_hook(model, DenoiserHook(state, adapter, pipe))
     model.__dict__[_ATTR] = handle
-    if pipe is not None:
-        handle.pipe_class = type(pipe)
-        pipe.__class__ = _parallel_pipeline_class(type(pipe))
-        pipe.__dict__[_ATTR] = handle
     return handle
 
 

@@ -16,6 +16,7 @@ methods in `Stage` order and returns an `AccelerationHandle`:
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +44,10 @@ class Stage(enum.IntEnum):
 class Method:
     """Base of every acceleration config.
 
-    Subclasses set `name` (the recipe keyword), `slot` (at most one method per slot in a recipe), `stage`, and
-    implement `apply`, `args` (recipe arguments) and `from_args`. `conflicts` returns the reason two methods cannot
-    be combined, or None.
+    Subclasses give `name` (the recipe keyword), `aliases`, `slot` (at most one method per slot in a recipe) and
+    `stage` as class keywords (``class FORA(Method, name="fora", slot="cache", stage=Stage.CACHE)``), and implement
+    `apply`, `args` (recipe arguments) and `from_args`. `conflicts` returns the reason two methods cannot be
+    combined, or None.
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +56,15 @@ class Method:
     stage: ClassVar[Stage] = Stage.CALL
     #: needs the `CallEvents` scheduler proxy (per-generation reset, step-end work)
     uses_events: ClassVar[bool] = False
+
+    def __init_subclass__(cls, name: str | None = None, aliases: tuple[str, ...] = (), slot: str | None = None,
+                          stage: Stage | None = None, uses_events: bool | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for key, value in (("name", name), ("slot", slot), ("stage", stage), ("uses_events", uses_events)):
+            if value is not None:
+                setattr(cls, key, value)
+        if aliases:
+            cls.aliases = aliases
 
     @property
     def num_inference_steps(self) -> int | None:
@@ -93,6 +104,37 @@ class Method:
     def run(self, handle: AccelerationHandle, *args: Any, **kwargs: Any) -> Any:
         """Generate with this method (call-level methods only)."""
         raise NotImplementedError
+
+
+def parse_args(method: str, args: Sequence[str], keys: dict[str, tuple[str, Callable[[str], Any]]],
+               positional: Sequence[tuple[str, Callable[[str], Any]]] = (),
+               flags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Recipe arguments as keyword arguments: ``key=value`` by `keys` (recipe key -> (field, converter)), bare
+    words in `flags` (word -> field set to True), other bare values to the `positional` fields in order."""
+    out: dict[str, Any] = {}
+    rest = list(positional)
+    for a in args:
+        key, eq, value = a.partition("=")
+        try:
+            if eq:
+                if key not in keys:
+                    raise ValueError(f"unknown argument {key!r}; expected {', '.join(keys) or 'none'}")
+                field_name, convert = keys[key]
+                out[field_name] = convert(value)
+            elif flags and a in flags:
+                out[flags[a]] = True
+            elif rest:
+                field_name, convert = rest.pop(0)
+                out[field_name] = convert(a)
+            else:
+                raise ValueError(f"unexpected argument {a!r}")
+        except ValueError as exc:
+            raise ValueError(f"{method}: {exc}") from None
+    return out
+
+
+def optional_int(value: str) -> int | None:
+    return None if value == "none" else int(value)
 
 
 @dataclass
@@ -142,19 +184,10 @@ class AccelerationHandle:
 
     def __init__(self, pipe: Any, recipe: tuple[Method, ...], ctx: ApplyContext) -> None:
         self.pipe, self.recipe, self._ctx = pipe, recipe, ctx
+        self.family: PipelineFamily = ctx.family
+        self.events: Any = ctx.events  # the CallEvents proxy, or None when no method needs it
+        self.notes: list[str] = ctx.notes  # what the methods reported while applying (e.g. cache-usage ratios)
         self.removed = False
-
-    @property
-    def family(self) -> PipelineFamily:
-        return self._ctx.family
-
-    @property
-    def events(self) -> Any:
-        return self._ctx.events
-
-    @property
-    def notes(self) -> list[str]:
-        return list(self._ctx.notes)
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -185,6 +218,11 @@ class AccelerationHandle:
             return method.run(self, *args, **kwargs)
         return self.pipe(*args, **kwargs)
 
+    def as_pipeline(self) -> AcceleratedPipeline:
+        """A stand-in for the pipeline whose calls run ``handle(...)``: same call signature, other attributes read
+        from the pipeline (for harnesses that take a pipeline, e.g. `diffaccel.evals.evaluate`)."""
+        return AcceleratedPipeline(self)
+
     def remove(self) -> None:
         """Undo every change in reverse order of application (safe to call twice)."""
         if self.removed:
@@ -205,6 +243,26 @@ class AccelerationHandle:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+class AcceleratedPipeline:
+    """`handle.as_pipeline()`: calls go through the handle; the signature and other attributes are the pipeline's."""
+
+    def __init__(self, handle: AccelerationHandle) -> None:
+        self.handle = handle
+        call = functools.wraps(handle.pipe.__call__)(lambda *a, **kw: handle(*a, **kw))
+        self.__call__ = call  # what `inspect.signature(obj.__call__)` reads
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.handle(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if "handle" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["handle"].pipe, name)
+
+    def __repr__(self) -> str:
+        return f"AcceleratedPipeline({self.handle!r})"
 
 
 def accelerate(pipe: Any, *methods: Method | str) -> AccelerationHandle:

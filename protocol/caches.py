@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.families import PipelineFamily, find_denoiser
-from .base import ApplyContext, CompositionError, Method, Stage
+from .base import ApplyContext, CompositionError, Method, Stage, parse_args
 from .samplers import Sampler
 
 
@@ -34,7 +34,8 @@ def _flag_args(name: str, args: list[str], flags: Sequence[str], keys: Sequence[
 
 
 @dataclass(frozen=True)
-class EncoderPropagation(Method):
+class EncoderPropagation(Method, name="ep", aliases=("encoder-propagation",), slot="cache", stage=Stage.CACHE,
+                         uses_events=True):
     """Encoder propagation: the UNet encoder runs at key steps only (`caching/encoder_propagation.py`).
 
     key_steps: a schedule name (`sd50`, `sd50-scaled`, `uniform-<k>`, `all`) or explicit steps; parallel: decode
@@ -45,12 +46,6 @@ class EncoderPropagation(Method):
     parallel: bool = False
     prior_noise: tuple[float, float] | None = (0.003, 0.5)
     max_parallel: int = 16
-
-    name = "ep"
-    aliases = ("encoder-propagation",)
-    slot = "cache"
-    stage = Stage.CACHE
-    uses_events = True
 
     def __post_init__(self) -> None:
         if isinstance(self.key_steps, list):
@@ -137,10 +132,7 @@ def _distinct_steps(pipe: Any, sampler: Sampler | None, steps: int | None) -> in
     return len(dedupe_consecutive([float(t) for t in scheduler.timesteps]))
 
 
-class _TransformerCache(Method):
-    slot = "cache"
-    stage = Stage.CACHE
-    uses_events = True
+class _TransformerCache(Method, slot="cache", stage=Stage.CACHE, uses_events=True):
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         from ..caching.harmonica import unit_modules
@@ -161,15 +153,12 @@ class _TransformerCache(Method):
 
 
 @dataclass(frozen=True)
-class HarmoniCa(_TransformerCache):
+class HarmoniCa(_TransformerCache, name="harmonica", aliases=("cache-plan",)):
     """A HarmoniCa cache plan (Huang et al., ICML 2025): a shipped plan's name or a plan file
     (`caching/plans/`). `force` skips the plan's step-count and scheduler checks."""
 
     plan: str = "digits-dit-20-harmonica-b1"
     force: bool = False
-
-    name = "harmonica"
-    aliases = ("cache-plan",)
 
     def args(self) -> list[str]:
         return [self.plan] + (["force"] if self.force else [])
@@ -183,7 +172,7 @@ class HarmoniCa(_TransformerCache):
 
     def load(self) -> Any:
         from ..caching import CachePlan
-        from ..caching.harmonica import _plan_path
+        from ..caching.harmonica.plan import _plan_path
 
         return CachePlan.load(_plan_path(self.plan))
 
@@ -199,14 +188,12 @@ class HarmoniCa(_TransformerCache):
 
 
 @dataclass(frozen=True)
-class FORA(_TransformerCache):
+class FORA(_TransformerCache, name="fora"):
     """FORA (Selvaraju et al. 2024): every block computed every `interval`-th step, reused in between. The plan's
     step count comes from the recipe's sampler, or `steps`."""
 
     interval: int = 2
     steps: int | None = None
-
-    name = "fora"
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -219,10 +206,9 @@ class FORA(_TransformerCache):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> FORA:
-        pos, kv = _flag_args(name, args, (), ("steps",))
-        if at is not None or len(pos) > 1:
-            raise ValueError(f"{name} takes one interval (e.g. fora:2), got {args}")
-        return cls(int(pos[0]) if pos else 2, int(kv["steps"]) if "steps" in kv else None)
+        if at is not None:
+            raise ValueError(f"{name} takes no @n; give the interval as fora:2")
+        return cls(**parse_args(name, args, {"steps": ("steps", int)}, positional=[("interval", int)]))
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         super().check(pipe, family, recipe)

@@ -27,7 +27,7 @@ _PARALLEL_KEYS = {"warmup": "warmup_steps", "gn": "gn_mode", "pcpp": "pcpp_fract
 
 
 @dataclass(frozen=True)
-class PatchParallel(Method):
+class PatchParallel(Method, name="patch-parallel", aliases=("pp",), slot="parallel", stage=Stage.PARALLEL):
     """Patch parallelism: `mode` "sync" (exact), "displaced" (DistriFusion) or "pcpp"; the other fields are
     `parallel.PatchParallelConfig`'s."""
 
@@ -38,11 +38,6 @@ class PatchParallel(Method):
     cfg_parallel: bool = False
     halo_transport: str = "p2p"
     timeout_s: float = 300.0
-
-    name = "patch-parallel"
-    aliases = ("pp",)
-    slot = "parallel"
-    stage = Stage.PARALLEL
 
     def config(self) -> Any:
         from ..parallel import PatchParallelConfig
@@ -80,6 +75,17 @@ class PatchParallel(Method):
             else:
                 raise ValueError(f"{name}: unknown argument {key!r}; expected a mode and {', '.join(_PARALLEL_KEYS)}")
         return cls(**kw)
+
+    def conflicts(self, other: Method) -> str | None:
+        if self.mode == "sync":
+            return None  # exact: every layer sees fresh activations, whatever else skips or reorders them
+        if other.slot == "cache":
+            return (f"{self.mode} patches reuse each layer's activations from the previous call; a cache that skips "
+                    "layers would leave them from an older step (use patch-parallel:sync with a cache)")
+        if other.name == "fk":
+            return (f"{self.mode} patches keep per-row activations from the previous call; FK resampling reorders "
+                    "the rows (use patch-parallel:sync with FK)")
+        return None
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> None:
         from ..parallel import parallelize
@@ -132,16 +138,11 @@ def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class OneStep(Method):
+class OneStep(Method, name="one-step", aliases=("onestep",), slot="model", stage=Stage.MODEL):
     """The distilled student `student` (a zoo entry or a saved `RectifiedFlowPipeline` folder) in place of the
     teacher's UNet and scheduler; one Euler step by default."""
 
     student: str = "digits-sd-onestep"
-
-    name = "one-step"
-    aliases = ("onestep",)
-    slot = "model"
-    stage = Stage.MODEL
 
     @property
     def num_inference_steps(self) -> int | None:

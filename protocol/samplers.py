@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.families import PipelineFamily
 from ..core.schedulers import class_name, supports_time_shift
-from .base import ApplyContext, CompositionError, Method, Stage
+from .base import ApplyContext, CompositionError, Method, Stage, parse_args
 
 
 def _diffusers(cls_name: str, extra_calls: int = 0, tolerant: bool = False, **kw: Any) -> tuple[Callable, Callable]:
@@ -59,16 +59,12 @@ FLOW_SAMPLERS = ("ddim", "s-pndm", "f-pndm", "pie", "prk", "plms-ldm", "fon")
 
 
 @dataclass(frozen=True)
-class Sampler(Method):
+class Sampler(Method, name="sampler", slot="sampler", stage=Stage.SCHEDULER):
     """A scheduler from `SAMPLERS`, spending `nfe` denoiser evaluations per image (None: the caller's steps)."""
 
     sampler: str = "ddim"
     nfe: int | None = None
     grid: str = "trailing"
-
-    name = "sampler"
-    slot = "sampler"
-    stage = Stage.SCHEDULER
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -91,13 +87,7 @@ class Sampler(Method):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> Sampler:
-        grid = "trailing"
-        for a in args:
-            key, _, value = a.partition("=")
-            if key != "grid" or not value:
-                raise ValueError(f"{name}: unknown argument {a!r}; samplers take grid=trailing|model")
-            grid = value
-        return cls(name, at, grid)
+        return cls(name, at, **parse_args(name, args, {"grid": ("grid", str)}))
 
     def build(self, config: dict) -> Any:
         from ..samplers.flow import is_flow_config
@@ -133,17 +123,13 @@ class Sampler(Method):
 
 
 @dataclass(frozen=True)
-class TimeShift(Method):
+class TimeShift(Method, name="time-shift", aliases=("ts",), slot="time-shift",
+                stage=Stage.SCHEDULER_WRAP):
     """Time-Shift sampling around the recipe's scheduler: window `w` (None: by step count, the paper's Fig. 7),
     shifting only transitions whose nominal target time is above `cutoff`."""
 
     window: int | None = None
     cutoff: int = 300
-
-    name = "time-shift"
-    aliases = ("ts",)
-    slot = "time-shift"
-    stage = Stage.SCHEDULER_WRAP
 
     def __post_init__(self) -> None:
         for key in ("window", "cutoff"):
@@ -157,7 +143,7 @@ class TimeShift(Method):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> TimeShift:
-        kw = _int_kwargs(name, args, ("window", "cutoff"))
+        kw = parse_args(name, args, {"window": ("window", int), "cutoff": ("cutoff", int)})
         if at is not None:
             raise ValueError("time-shift takes no @n; its step count comes from the sampler")
         return cls(**kw)
@@ -189,16 +175,3 @@ class TimeShift(Method):
             pipe.scheduler = original
 
         ctx.on_remove(restore)
-
-
-def _int_kwargs(name: str, args: list[str], keys: Sequence[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for a in args:
-        key, eq, value = a.partition("=")
-        if not eq or key not in keys:
-            raise ValueError(f"{name}: unknown argument {a!r}; expected {', '.join(k + '=<int>' for k in keys)}")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise ValueError(f"{name}: {key} must be a whole number, got {value!r}") from None
-    return out

@@ -3,7 +3,7 @@
 put on the pipeline.
 
 * FK steering (Singhal et al. 2025, Alg. 1): k particles per prompt, resampled by reward-based potentials; returns
-  a `SteeringOutput` with every particle (``out.images[out.best()]`` is the best per prompt). With a feature cache
+  the best particle per prompt (``select="all"``: the `SteeringOutput` with every particle). With a feature cache
   in the recipe, each resampling copies the particles' cache rows with the particles (`core.hooks.reorder_rows`), so
   every particle keeps the cache of its own trajectory.
 * Best-of-N (Ma et al. 2025, §3.2, random search): N deterministic samples per prompt, the reward's best kept.
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..core.families import PipelineFamily
-from .base import AccelerationHandle, CompositionError, Method, Stage
+from .base import AccelerationHandle, CompositionError, Method, Stage, optional_int, parse_args
 from .samplers import Sampler, TimeShift
 
 #: reward names usable in recipes -> factory
@@ -53,9 +53,7 @@ def _conditioning(family: PipelineFamily, args: tuple, kwargs: dict) -> tuple[li
     return ([cond] if isinstance(cond, (str, int)) else list(cond)), kwargs
 
 
-class _Steering(Method):
-    slot = "steering"
-    stage = Stage.CALL
+class _Steering(Method, slot="steering", stage=Stage.CALL):
 
     def apply(self, pipe: Any, ctx: Any) -> None:
         """Nothing to install: the method runs when the handle is called."""
@@ -67,7 +65,7 @@ class _Steering(Method):
 
 
 @dataclass(frozen=True)
-class FKSteering(_Steering):
+class FKSteering(_Steering, name="fk", aliases=("fk-steering",)):
     """FK steering with `k` particles per prompt; resampling at steps start, start+every, ... <= end and the
     last step; DDIM-style samplers run with `eta` (FK needs fresh noise)."""
 
@@ -79,9 +77,7 @@ class FKSteering(_Steering):
     lmbda: float = 10.0
     eta: float = 1.0
     reward: Any = "classifier"
-
-    name = "fk"
-    aliases = ("fk-steering",)
+    select: str = "best"
 
     def fk_config(self) -> Any:
         from ..samplers.steering import FKConfig
@@ -91,6 +87,9 @@ class FKSteering(_Steering):
 
     def __post_init__(self) -> None:
         self.fk_config()  # validates
+        if self.select not in ("best", "all"):
+            raise ValueError(f"fk select must be 'best' (one image per prompt) or 'all' (every particle), "
+                             f"got {self.select!r}")
         if not isinstance(self.reward, str) and not callable(self.reward):
             raise ValueError(f"fk reward must be a name ({', '.join(REWARDS)}) or a Reward, got {self.reward!r}")
 
@@ -99,27 +98,15 @@ class FKSteering(_Steering):
                f"end={'none' if self.end is None else self.end}"]
         out += [f"lambda={self.lmbda:g}"] if self.lmbda != 10.0 else []
         out += [f"eta={self.eta:g}"] if self.eta != 1.0 else []
-        return out + [f"reward={self.reward if isinstance(self.reward, str) else 'custom'}"]
+        out += [f"reward={self.reward if isinstance(self.reward, str) else 'custom'}"]
+        return out + (["select=all"] if self.select == "all" else [])
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> FKSteering:
-        kw: dict[str, Any] = {}
-        for a in args:
-            key, eq, value = a.partition("=")
-            if not eq:
-                kw["k"] = int(a)
-            elif key in ("every", "start"):
-                kw[key] = int(value)
-            elif key == "end":
-                kw["end"] = None if value == "none" else int(value)
-            elif key in ("lambda", "eta"):
-                kw["lmbda" if key == "lambda" else "eta"] = float(value)
-            elif key in ("potential", "reward"):
-                kw[key] = value
-            else:
-                raise ValueError(f"{name}: unknown argument {key!r}; expected k, potential, every, start, end, "
-                                 "lambda, eta, reward")
-        return cls(**kw)
+        keys = {"every": ("every", int), "start": ("start", int), "end": ("end", optional_int),
+                "lambda": ("lmbda", float), "eta": ("eta", float), "potential": ("potential", str),
+                "reward": ("reward", str), "select": ("select", str)}
+        return cls(**parse_args(name, args, keys, positional=[("k", int)]))
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         from ..samplers.steering import check_sampler
@@ -142,22 +129,33 @@ class FKSteering(_Steering):
         conds, kwargs = _conditioning(family, args, kwargs)
         runner = Runner(handle.pipe, resolve_reward(self.reward), self.fk_config())
         kwargs.setdefault("eta", self.eta)
+        kwargs.pop("return_dict", None)
+        gens = kwargs.get("generator")
+        if isinstance(gens, (list, tuple)) and len(gens) == len(conds) and self.k > 1:
+            # one generator per prompt (as for the plain pipeline): particle j of a prompt seeded k*seed + j
+            kwargs["generator"] = [torch.Generator(g.device).manual_seed(g.initial_seed() * self.k + j)
+                                   for g in gens for j in range(self.k)]
         if family.conditioning_kind == "class":
-            return runner(class_labels=conds, **kwargs)
-        return runner(conds, **kwargs)
+            out = runner(class_labels=conds, **kwargs)
+        else:
+            out = runner(conds, **kwargs)
+        if self.select == "all":
+            return out
+        best = out.best()
+        images = out.images
+        picked = [images[int(i)] for i in best] if isinstance(images, list) else images[best.numpy()] \
+            if not isinstance(images, torch.Tensor) else images[best]
+        return SearchResults(picked, [out])
 
 
 @dataclass(frozen=True)
-class BestOfN(_Steering):
+class BestOfN(_Steering, name="best-of-n", aliases=("bon",)):
     """Best-of-N random search with a deterministic sampler (`eta` 0): N candidates per prompt, the best kept.
     Prompt i uses generator i of the call (one generator per prompt, as the steering benchmark)."""
 
     n: int = 4
     reward: Any = "classifier"
     eta: float = 0.0
-
-    name = "best-of-n"
-    aliases = ("bon",)
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -169,18 +167,8 @@ class BestOfN(_Steering):
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> BestOfN:
-        kw: dict[str, Any] = {}
-        for a in args:
-            key, eq, value = a.partition("=")
-            if not eq:
-                kw["n"] = int(a)
-            elif key == "reward":
-                kw["reward"] = value
-            elif key == "eta":
-                kw["eta"] = float(value)
-            else:
-                raise ValueError(f"{name}: unknown argument {key!r}; expected n, reward, eta")
-        return cls(**kw)
+        keys = {"reward": ("reward", str), "eta": ("eta", float)}
+        return cls(**parse_args(name, args, keys, positional=[("n", int)]))
 
     def run(self, handle: AccelerationHandle, *args: Any, **kwargs: Any) -> Any:
         from ..samplers.steering import best_of_n
@@ -205,7 +193,7 @@ class BestOfN(_Steering):
 
 @dataclass
 class SearchResults:
-    """Best-of-N output: the winners (one per prompt) and every search's record."""
+    """One image per prompt (best-of-N winners, or FK's best particle) and the search / steering records."""
 
     images: Any
     searches: list[Any]

@@ -40,20 +40,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
 from ..core.errors import InputError
+from ..core.schedulers import TIME_SHIFT_BASES
 from .flow import is_flow_scheduler, select_shift_flow
 from .pndm import PseudoNumericalScheduler
 from .transfer import transfer, transfer_coefficients
 
-#: base classes the wrapper understands (single-evaluation VP schedulers, plus our PNDM family)
-SUPPORTED_BASES = (
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "PseudoNumericalScheduler",
-    "FlowMatchEulerDiscreteScheduler",
-)
+#: base classes the wrapper understands (single-evaluation VP schedulers, plus our PNDM family): the capability
+#: table's Time-Shift column
+SUPPORTED_BASES = TIME_SHIFT_BASES
 _SIGMA_BASES = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
 
 

@@ -9,6 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (float results are then the same as a one-thread reference run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def classifier():
     from diffaccel import zoo

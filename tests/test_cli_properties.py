@@ -43,15 +43,31 @@ def test_no_numeric_option_is_left_unchecked():
     assert len(_numeric_options()) >= 60
 
 
-def _required_args(parser: argparse.ArgumentParser) -> list[str]:
-    """Placeholders for a subcommand's required positionals and options (only parsing is exercised)."""
+def _required_args(parser: argparse.ArgumentParser, tested: argparse.Action) -> list[str]:
+    """Placeholders for a subcommand's required positionals, options and option groups (only parsing is exercised).
+
+    A required mutually exclusive group (e.g. ``cache calibrate``'s ``--speedup`` / ``--min-psnr``) gets one member
+    with a value inside its range, unless the option under test belongs to the group.
+    """
     out: list[str] = []
     for a in parser._actions:
         if not a.option_strings and a.nargs not in ("?", "*") and not isinstance(a, argparse._SubParsersAction):
             out.append(a.choices[0] if a.choices else "x")
         elif a.option_strings and a.required:
             out += [a.option_strings[-1], "x.safetensors"]
+    for group in parser._mutually_exclusive_groups:
+        if group.required and tested not in group._group_actions:
+            member = group._group_actions[0]
+            out += [member.option_strings[-1], _inside(member)]
     return out
+
+
+def _inside(action: argparse.Action) -> str:
+    """A value the action's range-checked type accepts."""
+    bounds = getattr(action.type, "bounds", None)
+    if bounds is None:
+        return "x"
+    return next(t for t in ("1", "2", "0.5", "10", "30", "1000") if _valid(bounds, action.type.__name__, t))
 
 
 def _valid(bounds, kind: str, text: str) -> bool:
@@ -76,7 +92,7 @@ values = st.one_of(st.integers(-10**13, 10**13).map(str), st.floats(allow_nan=Tr
 @given(text=values)
 def test_every_numeric_option_accepts_exactly_its_range(case, text):
     path, parser, action = case
-    argv = [*path, *_required_args(parser), f"{action.option_strings[-1]}={text}"]
+    argv = [*path, *_required_args(parser, action), f"{action.option_strings[-1]}={text}"]
     code, out, err = _parse(argv)
     if _valid(action.type.bounds, action.type.__name__, text):
         assert code == 0, (argv, err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def entry_path(name: str) -> Path:
     return weights_dir() / name
 
 
-def _check_entry(name: str) -> Path:
+def _check_entry(name: str, hash_files: bool = True) -> Path:
+    """The entry's folder, after checking it: every file the card lists exists and (with `hash_files`) has the
+    recorded SHA-256; without digests in the card, every safetensors header must read."""
     if name not in ENTRIES:
         raise UnknownModelError(f"unknown zoo model {name!r}; valid names: {', '.join(ENTRIES)}")
     path = entry_path(name)
@@ -88,8 +91,11 @@ def _check_entry(name: str) -> Path:
         raise ZooError(f"zoo model {name!r}: weight folder {path} is missing; {hint}")
     try:
         digests = card_digests(path)
-        if digests:  # the card records every file's SHA-256: a damaged or missing file is named before loading
-            verify_digests(path, digests, fix=hint, what=f"zoo model {name!r} ({path})")
+        if digests:  # the card records every file's SHA-256: a damaged or missing file is named
+            verify_digests(path, digests if hash_files else {}, fix=hint, what=f"zoo model {name!r} ({path})")
+            missing = sorted(rel for rel in digests if not (path / rel).is_file())
+            if missing:
+                raise ZooError(f"zoo model {name!r} ({path}): file {missing[0]} is missing; {hint}")
             return path
         weight_files = sorted(path.rglob("*.safetensors"))  # no digests recorded (a card from before they were)
         if not weight_files:
@@ -109,16 +115,35 @@ def load(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype
     >>> pipe = load("digits-sd")            # StableDiffusionPipeline
     >>> image = pipe("a handwritten digit seven", num_inference_steps=25).images[0]
     """
-    path = _check_entry(name)
+    path = _check_entry(name, hash_files=False)  # names a missing file at once; the digests are checked below
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    loaded = load_from(name, path, dev, dt)
+    digests = card_digests(path) if ENTRIES[name].trained else {}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # hashing runs beside loading (hashlib releases the GIL), so verification adds little wall time; the
+        # loaded object is returned only after every file matched its recorded SHA-256
+        check = pool.submit(verify_digests, path, digests, fix=retrain_hint(name), what=f"zoo model {name!r} ({path})")
+        try:
+            loaded = load_from(name, path, dev, dt)
+        except Exception:
+            _digest_result(check)  # a damaged file explains a failed load better than the loader's own error
+            raise
+        _digest_result(check)
     if ENTRIES[name].trained:
         try:
             check_finite_parameters(loaded, fix=retrain_hint(name), what=f"zoo model {name!r}")
         except WeightsError as exc:
             raise ZooError(str(exc)) from exc
     return loaded
+
+
+def _digest_result(check) -> None:
+    try:
+        check.result()
+    except ZooError:
+        raise
+    except WeightsError as exc:
+        raise ZooError(str(exc)) from exc
 
 
 def retrain_hint(name: str) -> str:

@@ -1,5 +1,8 @@
 """Training scripts for every trained zoo entry: `diffaccel zoo train NAME` reproduces the shipped weights.
 
+(Over 450 lines on purpose: one short trainer per zoo entry, side by side, so the recipe of every shipped weight
+file is read in one place.)
+
 Each trainer is seeded, runs a fixed number of iterations on the CPU, saves with `save_pretrained` into the
 entry's folder (weights stored as float16 safetensors to keep the zoo small, except the feature extractor which
 stays float32), and writes a model card with the command, wall time, machine and measured quality.

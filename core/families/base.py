@@ -34,6 +34,12 @@ class PipelineFamily:
     has_step_callback: ClassVar[bool] = False
     #: the pipeline passes `eta` / `generator` on to `scheduler.step`
     forwards_step_kwargs: ClassVar[bool] = False
+    #: the call argument taking the conditioning ("prompt", "class_labels"; None: unconditional, `batch_size`)
+    cond_kwarg: ClassVar[str | None] = None
+    #: extra call arguments every generation needs (e.g. PixArt's resolution binning off)
+    call_defaults: ClassVar[dict[str, Any]] = {}
+    #: classifier-free guidance batch order: True for [unconditional; conditional]
+    uncond_first: ClassVar[bool] = True
     #: trained by flow matching (x = (1 - σ) x0 + σ ε, velocity output): VP-only methods refuse it
     flow_matching: ClassVar[bool] = False
 
@@ -67,7 +73,22 @@ class PipelineFamily:
     def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
                     **extra: Any) -> dict[str, Any]:
         """Keyword arguments of ``pipe(...)`` generating `n` images of one conditioning (prompt or class label)."""
-        raise NotImplementedError
+        kw: dict[str, Any] = {"num_inference_steps": steps, **self.call_defaults}
+        if self.cond_kwarg is None:
+            kw["batch_size"] = n
+        else:
+            kw[self.cond_kwarg] = [int(cond) if self.conditioning_kind == "class" else str(cond)] * n
+        if self.default_guidance is not None:
+            kw["guidance_scale"] = self.guidance(guidance_scale)
+        return {**kw, **extra}
+
+    def guide(self, out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Combine a CFG-batched model output: ``uncond + w * (cond - uncond)`` (unchanged when w <= 1)."""
+        if guidance_scale <= 1.0:
+            return out
+        first, second = out.chunk(2)
+        uncond, cond = (first, second) if self.uncond_first else (second, first)
+        return uncond + guidance_scale * (cond - uncond)
 
     # ------------------------------------------------------------------ the loops diffaccel owns
     def condition(self, conds: Sequence[Any], k: int, guidance_scale: float) -> dict[str, Any]:

@@ -19,10 +19,6 @@ class DDPMFamily(PipelineFamily):
     default_guidance = None
     forwards_step_kwargs = True
 
-    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
-                    **extra: Any) -> dict[str, Any]:
-        return {"batch_size": n, "num_inference_steps": steps, **extra}
-
     def condition(self, conds: Sequence[Any], k: int, guidance_scale: float) -> dict[str, Any]:
         return {}
 

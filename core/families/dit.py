@@ -13,17 +13,10 @@ from .base import PipelineFamily
 
 
 class DiTFamily(PipelineFamily):
-    name = "dit"
-    pipeline_classes = ("DiTPipeline",)
-    denoiser_attr = "transformer"
-    conditioning_kind = "class"
-    default_guidance = 4.0
+    name, pipeline_classes, denoiser_attr = "dit", ("DiTPipeline",), "transformer"
+    conditioning_kind, cond_kwarg, default_guidance = "class", "class_labels", 4.0
+    uncond_first = False  # [conditional; null class]
     NULL_CLASS = 1000  # what DiTPipeline uses
-
-    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
-                    **extra: Any) -> dict[str, Any]:
-        return {"class_labels": [int(cond)] * n, "num_inference_steps": steps,
-                "guidance_scale": self.guidance(guidance_scale), **extra}
 
     def condition(self, conds: Sequence[int], k: int, guidance_scale: float) -> dict[str, Any]:
         labels = torch.tensor([int(c) for c in conds for _ in range(k)], device=self.device)
@@ -45,11 +38,7 @@ class DiTFamily(PipelineFamily):
         scheduler = self.pipe.scheduler if scheduler is None else scheduler
         xin = scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
         ts = torch.as_tensor(t, device=x.device).reshape(-1).expand(xin.shape[0])
-        out = self.pipe.transformer(xin, timestep=ts, class_labels=labels).sample[:, :c]
-        if cfg:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+        return self.guide(self.pipe.transformer(xin, timestep=ts, class_labels=labels).sample[:, :c], guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

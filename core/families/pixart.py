@@ -19,12 +19,8 @@ class PixArtFamily(PipelineFamily):
     conditioning_kind = "text"
     default_guidance = 4.5
     forwards_step_kwargs = True
-
-    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
-                    **extra: Any) -> dict[str, Any]:
-        return {"prompt": [str(cond)] * n, "num_inference_steps": steps,
-                "guidance_scale": self.guidance(guidance_scale), "use_resolution_binning": False,
-                "clean_caption": False, **extra}
+    cond_kwarg = "prompt"
+    call_defaults = {"use_resolution_binning": False, "clean_caption": False}
 
     def condition(self, conds: Sequence[str], k: int, guidance_scale: float) -> dict[str, Any]:
         cfg = guidance_scale > 1.0
@@ -42,9 +38,7 @@ class PixArtFamily(PipelineFamily):
         out = self.pipe.transformer(xin, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=ts,
                                     added_cond_kwargs={"resolution": None, "aspect_ratio": None},
                                     return_dict=False)[0]
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+        out = self.guide(out, guidance_scale)
         if self.denoiser.config.out_channels // 2 == x.shape[1]:  # learned sigma: keep the ε half
             out = out.chunk(2, dim=1)[0]
         return out

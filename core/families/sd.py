@@ -12,18 +12,9 @@ from .base import PipelineFamily
 
 
 class StableDiffusionFamily(PipelineFamily):
-    name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline",)
-    denoiser_attr = "unet"
-    conditioning_kind = "text"
-    default_guidance = 7.5
-    has_step_callback = True
-    forwards_step_kwargs = True
-
-    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
-                    **extra: Any) -> dict[str, Any]:
-        return {"prompt": [str(cond)] * n, "num_inference_steps": steps,
-                "guidance_scale": self.guidance(guidance_scale), **extra}
+    name, pipeline_classes, denoiser_attr = "sd", ("StableDiffusionPipeline",), "unet"
+    conditioning_kind, cond_kwarg, default_guidance = "text", "prompt", 7.5
+    has_step_callback = forwards_step_kwargs = True
 
     def condition(self, conds: Sequence[str], k: int, guidance_scale: float,
                   negative_prompt: str | list[str] | None = None) -> dict[str, Any]:
@@ -35,11 +26,7 @@ class StableDiffusionFamily(PipelineFamily):
             guidance_scale: float = 1.0) -> torch.Tensor:
         cfg = guidance_scale > 1.0
         xin = self.pipe.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-        out = self.pipe.unet(xin, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        if cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
+        return self.guide(self.pipe.unet(xin, t, encoder_hidden_states=embeds, return_dict=False)[0], guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from ...core.families import DiTFamily, StableDiffusionFamily, family_for, step_
 from ...core.hooks import reorder_rows
 from ...core.schedulers import class_name, is_stochastic, keeps_history
 from ..flow import require_vp
+from ..loop import sample
 from .potentials import INTERMEDIATE_POTENTIALS, POTENTIALS, ParticleSystem, Potential, resampling_events
 from .resampling import RESAMPLERS, Resampler, flat_indices, normalize_log_weights
 from .rewards import Reward, as_reward, score
@@ -207,22 +208,26 @@ def sample_fk(eps_fn: Callable[..., torch.Tensor], x: torch.Tensor, scheduler, s
     `eps_fn(x, t, **extra_args)` is the model output the scheduler expects; `reward_fn(z)` scores latents (or states)
     ``z``. Events score the parent's x̂0 (free: same model call); the final event scores the returned sample itself
     (textbook, so the product condition holds exactly) unless `score_final_sample=False` (reference timing).
-    Returns the final particles and their rewards ``[B·k]``.
+    Runs on `samplers.loop.sample`; `callback` gets its keys plus ``rewards`` and ``ancestors``. Returns the final
+    particles and their rewards ``[B·k]``.
     """
-    extra_args, step_args, events = extra_args or {}, step_args or {}, set(events)
-    last, rewards = len(scheduler.timesteps) - 1, torch.zeros(x.shape[0])
-    for i, t in enumerate(scheduler.timesteps):
-        out = scheduler.step(eps_fn(x, t, **extra_args), t, x, return_dict=True, **step_args)
-        x, denoised = out.prev_sample, getattr(out, "pred_original_sample", None)
-        ancestors = None
+    events, last = set(events), len(scheduler.timesteps) - 1
+    state = {"rewards": torch.zeros(x.shape[0])}
+
+    def resample(info: dict) -> torch.Tensor:
+        i, x_new, ancestors = info["i"], info["x"], None
         if i in events:
-            target = x if (i == last and score_final_sample) or denoised is None else denoised
+            denoised = info["denoised"]
+            target = x_new if (i == last and score_final_sample) or denoised is None else denoised
             rewards = reward_fn(target)
             ancestors = flat_indices(system.event(rewards, final=i == last))
-            x, rewards = x[ancestors.to(x.device)], rewards[ancestors]
+            x_new, state["rewards"] = x_new[ancestors.to(x_new.device)], rewards[ancestors]
         if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": denoised, "rewards": rewards, "ancestors": ancestors})
-    return x, rewards
+            callback({**info, "x": x_new, "rewards": state["rewards"], "ancestors": ancestors})
+        return x_new
+
+    x = sample(eps_fn, x, scheduler.timesteps, extra_args, resample, scheduler=scheduler, step_args=step_args)
+    return x, state["rewards"]
 
 
 # ------------------------------------------------------------------------------------------------------ FKSteering

@@ -28,6 +28,7 @@ from ...core.errors import InputError
 from ...core.families import DiTFamily, family_for, step_kwargs
 from ...core.schedulers import is_stochastic
 from ..flow import require_vp
+from ..loop import sample
 from .rewards import Reward, as_reward, score
 
 
@@ -79,12 +80,15 @@ class _Runner:
         if start == 0:
             self.scheduler.set_timesteps(self.steps)  # resets step-index state of schedulers that keep one
             x = x * self.scheduler.init_noise_sigma
-        x0 = x
+        last = {"x0": x}
+
+        def keep_x0(info: dict) -> None:
+            last["x0"] = info["x"] if info["denoised"] is None else info["denoised"]
+
         with count_nfe(self.pipe) as calls:
-            for t in self.scheduler.timesteps[start:stop]:
-                out = self.scheduler.step(self.family.eps(x, t, **self.cond(len(x))), t, x, return_dict=True,
-                                          **step_kwargs(self.scheduler, self.eta, None))
-                x, x0 = out.prev_sample, getattr(out, "pred_original_sample", out.prev_sample)
+            x = sample(self.family.eps, x, self.scheduler.timesteps[start:stop], self.cond(len(x)), keep_x0,
+                       scheduler=self.scheduler, step_args=step_kwargs(self.scheduler, self.eta, None))
+        x0 = last["x0"]
         self.counts["nfe"] += calls.rows // self.per_row
         return x, x0
 

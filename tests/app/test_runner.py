@@ -8,15 +8,11 @@ import zipfile
 import pytest
 import torch
 from diffaccel.app.runner import (
-    CACHES,
-    ONE_STEP_ENTRY,
     DemoRunner,
     ModelCache,
     RunInputError,
     RunRequest,
-    harmonica_api,
     load_pipeline,
-    one_step_available,
     shipped_plan_names,
 )
 from tolerances import network_atol, uint8_atol
@@ -74,12 +70,13 @@ def test_no_hooks_or_scheduler_left_after_accelerated_run(runner):
 def test_accelerated_context_undoes_on_error(runner):
     """An error inside the accelerated call still removes the hooks and restores the scheduler."""
     from diffaccel.app.runner import accelerated
+    from diffaccel.core.schedulers import class_name
 
     loaded = runner.models.get("digits-sd")
     scheduler = loaded.pipe.scheduler
     request = RunRequest(model="digits-sd", cache="encoder propagation", sampler="UniPC", **SMALL)
     with pytest.raises(RuntimeError, match="boom"), accelerated(loaded, request):
-        assert type(loaded.pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+        assert class_name(loaded.pipe.scheduler) == "UniPCMultistepScheduler"
         assert "_diffusers_hook" in loaded.pipe.unet.__dict__
         raise RuntimeError("boom")
     assert loaded.pipe.scheduler is scheduler
@@ -108,33 +105,20 @@ def test_result_tables_and_zip(runner):
     ({"prompt": "   "}, "prompt is empty"),
     ({"sampler": "Euler"}, "sampler 'Euler' is unknown"),
     ({"sampler": "F-PNDM", "steps": 3}, "F-PNDM needs at least 4 steps"),
-    ({"model": "digits-dit", "cache": "encoder propagation"}, "encoder propagation caches a UNet encoder"),
+    ({"model": "digits-dit", "cache": "encoder propagation"}, "caches a UNet encoder"),
     ({"model": "digits-dit", "prompt": "a cat"}, "names no single digit"),
-    ({"steering": "FK steering", "sampler": "UniPC"}, "FK steering needs a stochastic sampler"),
+    ({"steering": "FK steering", "sampler": "UniPC"},
+     "cannot be combined with unipc:grid=model: UniPCMultistepScheduler keeps"),
     ({"steering": "best-of-N", "particles": 1}, "best-of-N needs N >= 2"),
-    ({"steering": "best-of-N", "cache": "encoder propagation"}, "not supported in the demo"),
-    ({"model": "digits-ddpm", "steering": "best-of-N"}, "steering/search supports"),
-    ({"model": "digits-sd", "cache": "FORA"}, "FORA"),
+    ({"model": "digits-ddpm", "steering": "best-of-N"}, "drives Stable Diffusion and DiT pipelines"),
+    ({"model": "digits-sd", "cache": "FORA"}, "fora:2:steps=4 caches transformer blocks"),
+    ({"one_step": True, "cache": "encoder propagation"}, "nothing to reuse"),
+    ({"model": "digits-dit", "prompt": "1", "one_step": True}, "distilled from digits-sd"),
 ])
 def test_invalid_requests_name_the_problem(runner, change, needle):
     with pytest.raises(RunInputError, match=None) as info:
         runner.run(RunRequest(**{**SMALL, **change}))
     assert needle in str(info.value)
-
-
-def test_one_step_guarded():
-    if one_step_available():
-        pytest.skip(f"{ONE_STEP_ENTRY} is in the zoo: exercised by test_one_step_student_runs")
-    with pytest.raises(RunInputError, match="not available in this build"):
-        DemoRunner().run(RunRequest(one_step=True, **SMALL))
-
-
-def test_harmonica_guarded():
-    if harmonica_api() is not None:
-        pytest.skip("caching.harmonica is present: exercised by test_transformer_caches_run")
-    assert "HarmoniCa plan" in CACHES and shipped_plan_names() == []
-    with pytest.raises(RunInputError, match="not available in this build"):
-        DemoRunner().run(RunRequest(model="digits-dit", prompt="3", cache="FORA", **SMALL))
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -201,6 +185,13 @@ def test_model_cache_is_lru():
     dict(model="digits-sd", sampler="DDIM", steering="FK steering", particles=2, potential="diff"),
     dict(model="digits-dit", prompt="8", sampler="DDIM", steering="FK steering", particles=2),
     dict(model="digits-dit", prompt="8", sampler="UniPC", steering="best-of-N", particles=2),
+    # compositions the demo refused before the protocol: cache + steering, Time-Shift + steering
+    dict(model="digits-sd", sampler="DDIM", steering="best-of-N", particles=2, cache="encoder propagation",
+         ep_schedule="uniform-2"),
+    dict(model="digits-sd", sampler="DDIM", steering="FK steering", particles=2, cache="encoder propagation",
+         ep_schedule="uniform-2"),
+    dict(model="digits-dit", prompt="8", sampler="DDIM", steering="FK steering", particles=2, cache="FORA"),
+    dict(model="digits-dit", prompt="8", sampler="DDIM", steering="FK steering", particles=2, time_shift=True),
     dict(model="random-pixart", prompt="a red square", sampler="DPM-Solver++"),
 ], ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_every_acceleration_runs(runner, request_kwargs):
@@ -214,28 +205,23 @@ def test_every_acceleration_runs(runner, request_kwargs):
 
 @pytest.mark.slow
 def test_transformer_caches_run(runner):
-    api = harmonica_api()
-    if api is None:
-        pytest.skip("caching.harmonica (HarmoniCa plans, FORA) is not in this build")
     dit = runner.models.get("digits-dit")
     res = runner.run(RunRequest(model="digits-dit", prompt="2", sampler="DDIM", cache="FORA", fora_interval=2,
                                 **SMALL))
     assert res.accelerated.images.shape == res.baseline.images.shape
-    assert "FORA: interval 2" in res.accelerated.config
+    assert "fora:2:steps=4" in res.accelerated.config
     # F-PNDM runs 4 + 9 model calls for 4 transitions: the FORA plan has one row per distinct timestep
     res = runner.run(RunRequest(model="digits-dit", prompt="2", sampler="F-PNDM", cache="FORA", fora_interval=3,
                                 **SMALL))
     assert res.accelerated.nfe_calls == 13
     assert not any("_diffusers_hook" in m.__dict__ for m in dit.pipe.transformer.modules())
     plans = shipped_plan_names()
-    if not plans:
-        return
     from diffaccel.app.ui import _plan_setting
 
     steps, sampler = _plan_setting(plans[0])
     res = runner.run(RunRequest(model="digits-dit", prompt="2", cache="HarmoniCa plan", cache_plan=plans[0],
                                 **{**SMALL, "steps": steps, "sampler": sampler or "DDIM"}))
-    assert f"plan {plans[0]}" in res.accelerated.config and res.accelerated.nfe_calls == steps
+    assert f"harmonica:{plans[0]}" in res.accelerated.config and res.accelerated.nfe_calls == steps
     # a plan used with another step count is refused with the cache's own message, and nothing stays attached
     with pytest.raises(RunInputError, match="cache plan was made for"):
         runner.run(RunRequest(model="digits-dit", prompt="2", cache="HarmoniCa plan", cache_plan=plans[0],
@@ -245,35 +231,5 @@ def test_transformer_caches_run(runner):
 
 @pytest.mark.slow
 def test_one_step_student_runs(runner):
-    if not one_step_available():
-        pytest.skip(f"{ONE_STEP_ENTRY} is not in this build's zoo")
     res = runner.run(RunRequest(model="digits-sd", one_step=True, **SMALL))
     assert res.accelerated.nfe_calls == 1 and res.accelerated.images.shape == res.baseline.images.shape
-
-
-@pytest.mark.slow
-def test_one_step_path_with_a_local_rectified_flow_pipeline(monkeypatch):
-    """The student path, run for real before the zoo ships its student: a `RectifiedFlowPipeline` built from
-    digits-sd's components (untrained as a student, so only shapes and costs are checked) stands in for the entry."""
-    from diffaccel import zoo
-    from diffaccel.app import runner as runner_module
-    from diffaccel.app.runner import LoadedPipeline, load_pipeline
-    from diffaccel.distill.pipeline import RectifiedFlowPipeline
-
-    def loader(name):
-        if name == ONE_STEP_ENTRY:
-            pipe = RectifiedFlowPipeline.from_components(zoo.load("digits-sd"), distilled_steps=1)
-            pipe.set_progress_bar_config(disable=True)
-            return LoadedPipeline(name, pipe, "rf", pipe.scheduler)
-        return load_pipeline(name)
-
-    monkeypatch.setattr(runner_module, "one_step_available", lambda: True)
-    demo = DemoRunner()
-    demo.models.loader = loader
-    res = demo.run(RunRequest(model="digits-sd", one_step=True, **SMALL))
-    assert res.accelerated.nfe_calls == 1 and res.accelerated.evals_per_image == 1
-    assert res.accelerated.images.shape == res.baseline.images.shape
-    with pytest.raises(RunInputError, match="runs alone"):
-        demo.run(RunRequest(model="digits-sd", one_step=True, cache="encoder propagation", **SMALL))
-    with pytest.raises(RunInputError, match="distilled from digits-sd"):
-        demo.run(RunRequest(model="digits-dit", prompt="1", one_step=True, **SMALL))

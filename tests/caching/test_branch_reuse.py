@@ -23,15 +23,15 @@ from diffaccel.caching.branch_reuse import (
 )
 from diffaccel.zoo import load
 from diffusers import DDIMScheduler
+from zoo_pipes import quiet_pipeline
 
 STEPS = 7
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    p = load("random-sd")
+    p = quiet_pipeline("random-sd")
     p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
-    p.set_progress_bar_config(disable=True)
     return p
 
 

@@ -24,22 +24,19 @@ from diffaccel.caching.harmonica import (
     unit_modules,
 )
 from diffaccel.core import make_generators
+from zoo_pipes import quiet_pipeline
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def dit():
-    pipe = zoo.load("random-dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("random-dit")
 
 
 @pytest.fixture(scope="module")
 def pixart():
-    pipe = zoo.load("random-pixart")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("random-pixart")
 
 
 def run_dit(pipe, labels=(1, 2), steps=STEPS, seed=0):

@@ -9,15 +9,14 @@ from diffaccel.caching import Router, remove_cache_plan
 from diffaccel.caching.harmonica import attach_router
 from diffaccel.caching.harmonica_train import DiTSampler, TrainConfig, generate, image_error_proxy, train_router
 from tolerances import roundoff_atol
+from zoo_pipes import quiet_pipeline
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def dit():
-    pipe = zoo.load("random-dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("random-dit")
 
 
 def draw(sampler, seed=0, batch=2):

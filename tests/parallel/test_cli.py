@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffaccel.parallel.cli import main
-from diffaccel.parallel.testing import free_port
+from distributed import free_port
 from PIL import Image
 
 

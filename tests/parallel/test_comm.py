@@ -8,8 +8,8 @@ from diffaccel.parallel import ByteMeter, CommRecord, PatchParallelConfig, Patch
 
 
 def _failure(scenario: str) -> dict:
-    from diffaccel.parallel import _workers
-    from diffaccel.parallel.testing import run_distributed
+    import workers as _workers
+    from distributed import run_distributed
 
     res = run_distributed(_workers.suite, 2, [scenario], timeout_s=150, allow_missing=True, allow_errors=True,
                           ranks_needed=[0])
@@ -41,7 +41,7 @@ def test_config_validation():
 
 
 def test_single_process_is_a_no_op():
-    from diffaccel.parallel._workers import call, tiny_unet, unet_inputs
+    from workers import call, tiny_unet, unet_inputs
 
     model = tiny_unet()
     inputs = unet_inputs(batch=1)

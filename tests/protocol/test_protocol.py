@@ -35,11 +35,8 @@ PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def fresh(model: str):
@@ -118,6 +115,8 @@ def test_plain_call_after_accelerate_equals_cached_call():
     ("fora:2", ["fora:2", "step count"]),
     ("one-step + fora:2:steps=20", ["one-step", "fora:2", "nothing to reuse"]),
     ("harmonica:no-such-plan", ["harmonica:no-such-plan", "no cache plan file"]),
+    ("ddim@20 + fora:2 + patch-parallel:displaced", ["fora:2", "patch-parallel:displaced", "older step"]),
+    ("ddim@10 + fk:2 + patch-parallel:pcpp", ["fk:2", "patch-parallel:pcpp", "reorders"]),
 ])
 def test_refusals_name_both_methods_and_change_nothing(recipe, words):
     pipe = fresh("digits-dit")
@@ -193,7 +192,7 @@ def test_all_compute_cache_with_any_sampler_equals_the_sampler_alone(model, cach
 @pytest.mark.parametrize("model, cache", [("digits-dit", "fora:1"), ("digits-sd", "ep:all:noise=off")])
 def test_fk_with_an_all_compute_cache_equals_fk_alone(model, cache):
     """Resampling moves every particle's cache rows with it; with an all-compute cache FK is unchanged."""
-    fk = "ddim@6:grid=model + fk:2:every=2:start=1:end=5"
+    fk = "ddim@6:grid=model + fk:2:every=2:start=1:end=5:select=all"
     a = generate(model, f"{fk} + {cache}", ngen=4, output_type="pt")
     b = generate(model, fk, ngen=4, output_type="pt")
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
@@ -207,7 +206,8 @@ def test_fk_with_a_reusing_cache_runs_and_reuses(model, cache):
 
     pipe = fresh(model)
     cond = {"prompt": PROMPTS} if model == "digits-sd" else {"class_labels": [3, 7]}
-    with torch.no_grad(), accelerate(pipe, f"ddim@6:grid=model + fk:2:every=2:start=1:end=5 + {cache}") as h:
+    recipe = f"ddim@6:grid=model + fk:2:every=2:start=1:end=5:select=all + {cache}"
+    with torch.no_grad(), accelerate(pipe, recipe) as h:
         out = h(**cond, generator=make_generators(0, 4), output_type="pt")
         if model == "digits-dit":
             counters = cache_plan_counters(pipe)
@@ -221,8 +221,8 @@ def test_fk_with_a_reusing_cache_runs_and_reuses(model, cache):
 
 def test_time_shift_with_steering_runs():
     """Time-Shift + FK (refused by the demo before): Time-Shift keeps no per-row state, so resampling is safe."""
-    out = generate("digits-dit", "ddim@6:grid=model + time-shift:window=20 + fk:2:every=2:start=1:end=5", ngen=4,
-                   output_type="pt")
+    out = generate("digits-dit", "ddim@6:grid=model + time-shift:window=20 + fk:2:every=2:start=1:end=5:select=all",
+                   ngen=4, output_type="pt")
     assert out.images.shape == (4, 1, 32, 32) and len(out.events) >= 2
 
 
@@ -246,3 +246,25 @@ def test_sampler_sets_the_default_step_count_of_handle_calls():
     with accelerate(pipe, "f-pndm@13") as h, count_nfe(pipe) as nfe, torch.no_grad():
         h(class_labels=[1], generator=make_generators(0, 1), output_type="np")
     assert nfe.calls == 13
+
+
+def test_fk_returns_the_best_particle_per_prompt_by_default():
+    best = generate("digits-dit", "ddim@6:grid=model + fk:2:every=2:start=1:end=5", ngen=4, output_type="pt")
+    every = generate("digits-dit", "ddim@6:grid=model + fk:2:every=2:start=1:end=5:select=all", ngen=4,
+                     output_type="pt")
+    assert best.images.shape == (2, 1, 32, 32)
+    assert torch.equal(best.images, every.images[every.best()])
+    assert torch.equal(best.searches[0].rewards, every.rewards)
+
+
+def test_handle_as_pipeline_keeps_the_call_signature():
+    import inspect
+
+    pipe = fresh("digits-dit")
+    with accelerate(pipe, "ddim@6 + best-of-n:2") as h:
+        stand_in = h.as_pipeline()
+        assert inspect.signature(stand_in.__call__) == inspect.signature(pipe.__call__)
+        assert stand_in.transformer is pipe.transformer
+        with torch.no_grad():
+            out = stand_in([3], generator=make_generators(0, 1), output_type="np")
+        assert out.images.shape == (1, 32, 32, 1)

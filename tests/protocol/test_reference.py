@@ -47,20 +47,12 @@ def recipe_for(key: str) -> tuple[str, str, dict]:
     if kind in ("harmonica", "fora"):
         return model, f"ddim@20:grid=model + {kind}:{rest.removesuffix('@ddim20')}", {}
     if kind == "fk":
-        return model, "ddim@10:grid=model + fk:2:every=3:start=3:end=9", {"ngen": 4, "output_type": "pt"}
+        return model, "ddim@10:grid=model + fk:2:every=3:start=3:end=9:select=all", {"ngen": 4, "output_type": "pt"}
     if kind == "best-of-n":
         return model, "ddim@10:grid=model + best-of-n:2", {}
     if kind == "onestep":
         return "digits-sd", "one-step:digits-sd-onestep", {}
     raise KeyError(key)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -3,11 +3,11 @@ S8, S9, S13)."""
 
 import pytest
 import torch
-from diffaccel import zoo
 from diffaccel.core import make_generator
 from diffaccel.samplers.steering.fk import FKConfig, FKSteering, X0Recorder
 from diffaccel.samplers.steering.rewards import CallableReward, ConstantReward, RewardError
 from tolerances import network_atol, roundoff_atol
+from zoo_pipes import quiet_pipeline
 
 PROMPTS = ["a handwritten digit seven", "a handwritten digit one"]
 STEPS = 6
@@ -16,15 +16,12 @@ SCHED = dict(resample_start=1, resample_every=2, resample_end=4)  # events 1, 3,
 
 @pytest.fixture(scope="module")
 def sd():
-    pipe = zoo.load("random-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("random-sd")
 
 
 @pytest.fixture(scope="module")
 def dit():
-    pipe = zoo.load("random-dit")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_pipeline("random-dit")
     pipe.transformer.eval()  # in train mode its label embedding drops labels with the *global* RNG
     return pipe
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffaccel import zoo
 from diffaccel.core import make_generator
 from diffaccel.samplers.steering.noise_search import (
     best_of_n,
@@ -12,6 +11,7 @@ from diffaccel.samplers.steering.noise_search import (
     zero_order_search,
 )
 from tolerances import eps, network_atol
+from zoo_pipes import quiet_pipeline
 
 PROMPT = "a handwritten digit seven"
 STEPS = 6
@@ -19,9 +19,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def sd():
-    pipe = zoo.load("random-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("random-sd")
 
 
 def replay_atol(pipe) -> float:

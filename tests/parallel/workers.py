@@ -1,4 +1,5 @@
-"""Worker functions run on spawned gloo ranks by tests/parallel (they must be importable, hence here).
+"""Worker functions run on spawned gloo ranks by tests/parallel (importable as `workers`: conftest puts this folder
+on sys.path, and spawned ranks inherit it).
 
 Each `scenario_*` builds its own tiny model with a fixed seed (identical on every rank), compares the parallel
 result with the single-device model on the same rank and returns plain numbers. `suite(rank, world, names)` runs
@@ -14,11 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffaccel.parallel.attention import pcpp_rows
+from diffaccel.parallel.config import PatchParallelConfig
+from diffaccel.parallel.parallelize import find_denoiser, parallelize
 from torch import nn
-
-from .attention import pcpp_rows
-from .config import PatchParallelConfig
-from .parallelize import find_denoiser, parallelize
 
 SCENARIOS: dict[str, Any] = {}
 
@@ -455,14 +455,13 @@ def scenario_hung_rank(rank: int, world: int) -> dict[str, Any]:
 @scenario
 def scenario_layers(rank: int, world: int) -> dict[str, Any]:
     """Each rule on a lone layer vs the unwrapped layer on the full tensor (sync calls)."""
+    from diffaccel.parallel.attention import PatchAttnProcessor
+    from diffaccel.parallel.comm import ByteMeter, Communicator
+    from diffaccel.parallel.group_norm import GlobalGroupNormHook
+    from diffaccel.parallel.halo_conv import HaloConv2dHook
+    from diffaccel.parallel.state import PatchState
     from diffusers.hooks import HookRegistry
     from diffusers.models.attention_processor import Attention
-
-    from .attention import PatchAttnProcessor
-    from .comm import ByteMeter, Communicator
-    from .group_norm import GlobalGroupNormHook
-    from .halo_conv import HaloConv2dHook
-    from .state import PatchState
 
     out: dict[str, Any] = {}
     g = torch.Generator().manual_seed(3)

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from .config import PatchParallelConfig, PatchParallelError
-from .parallelize import find_denoiser, parallelize
+from diffaccel.parallel.config import PatchParallelConfig, PatchParallelError
+from diffaccel.parallel.parallelize import find_denoiser, parallelize
 
 SETUPS = {
     # name: (zoo entry, pipeline kwargs)

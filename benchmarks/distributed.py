@@ -30,17 +30,17 @@ class RankError:
     traceback: str
 
 
-_PRELOAD = ["torch", "torch.distributed", "diffusers", "diffaccel.parallel._workers"]
+_PRELOAD = ["torch", "torch.distributed", "diffusers", "diffaccel.parallel"]
 
 
-def _context():
+def _context(fn: Callable):
     """"forkserver" with the heavy imports preloaded once: each later process forks from a clean, single-threaded
     server instead of re-importing torch and diffusers (seconds per rank on a 2-core machine). Falls back to
     "spawn" where forkserver does not exist."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx.set_forkserver_preload([*_PRELOAD, fn.__module__])  # the worker's own module too
     return ctx
 
 
@@ -80,7 +80,7 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout_s: float = 150
     is then None; `ranks_needed` stops waiting once those ranks reported), and `RuntimeError` with the rank's
     traceback if a rank failed and `allow_errors` is False.
     """
-    ctx = _context()
+    ctx = _context(fn)
     q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, q, args, pg_timeout_s), daemon=True)

@@ -1,0 +1,329 @@
+"""The HarmoniCa engine: hooks that compute, store and reuse unit outputs following a plan, and the soft forward
+router training drives (`CacheMode`).
+
+When unit u is reused at step s the block still computes its adaLN modulation for t_s and adds `gate(t_s) * c_u` to
+the current residual stream (paper §3): reuse is neither skipping the block nor reusing its output. Hooks:
+`diffaccel.harmonica.step` on the transformer (step tracking, plan row checks), `diffaccel.harmonica.unit` on every
+unit module.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.errors import InputError
+from ...core.families import find_denoiser
+from ...core.hooks import (
+    StatefulHook,
+    StepTracker,
+    get_argument,
+    get_hook,
+    has_hook,
+    hook_state,
+    input_signature,
+    register_hook,
+    remove_hooks,
+    take_rows,
+    tree_map,
+)
+from ...core.schedulers import class_name as sched_name
+from .plan import (
+    DEFAULT_THRESHOLD,
+    HOOK_NAMES,
+    STEP_HOOK,
+    UNIT_HOOK,
+    CachePlan,
+    default_units,
+    num_blocks,
+    unit_modules,
+)
+from .router import Router
+
+
+class CacheMode(str, enum.Enum):
+    """What the unit hooks do in a forward (a `str` enum: compares equal to its value)."""
+
+    PLAN = "plan"  # binary plan, inference
+    SOFT = "soft"  # training forward: y = r f + (1 - r) c, written to the cache where r > τ
+    SOFT_READONLY = "soft_readonly"  # blend, never write
+    TEACHER = "teacher"  # plain f, no cache access
+    TEACHER_WRITE = "teacher_write"  # plain f, written to the cache
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hooks (spec §3.3, §3.4, §3.8)
+
+
+GateFn = Callable[[int], "torch.Tensor | None"]
+
+
+@dataclass
+class CachePlanCounters:
+    """Per-generation counts: real executions and reuses of every unit, transformer calls and steps."""
+
+    steps: int = 0
+    calls: int = 0
+    runs: list[int] = field(default_factory=list)
+    reuses: list[int] = field(default_factory=list)
+
+
+class _HCState:
+    """State shared by closure between one transformer's HarmoniCa hooks.
+
+    mode: a `CacheMode`, set by `harmonica_train` per forward during router training. In the soft modes
+    `gates(step)` returns r for that row, or None for "compute" (y = f).
+    """
+
+    def __init__(self, num_units: int, plan: CachePlan | None, pipe: Any | None, force: bool,
+                 timesteps_callback: Callable[[], Any] | None) -> None:
+        self.num_units = num_units
+        self.plan = plan
+        self.rows = plan.mask.tolist() if plan is not None else None
+        self.mode = CacheMode.PLAN if plan is not None else CacheMode.TEACHER
+        self.gates: GateFn | None = None
+        self.threshold = DEFAULT_THRESHOLD
+        self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
+        self.force = force
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.active = False
+        self.single_slot = False  # training: teacher and student calls at one step share slot 0
+        self.slot = 0
+        self.step_key: tuple[int, int] | None = None
+        self.counters = self._fresh_counters()
+        self.tracker = StepTracker(on_new_generation=self._new_generation, timesteps_callback=timesteps_callback)
+
+    def _fresh_counters(self) -> CachePlanCounters:
+        return CachePlanCounters(runs=[0] * self.num_units, reuses=[0] * self.num_units)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self.active = False
+        self.step_key = None
+        self.tracker.reset()
+
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Particles were resampled: every cached unit output follows its row."""
+        self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
+
+    def _new_generation(self) -> None:
+        self.cache.clear()
+        self.step_key = None
+        self.counters = self._fresh_counters()
+        if self.plan is None or self.mode != CacheMode.PLAN:
+            return
+        n = self.tracker.num_steps
+        if n is not None and n != self.plan.num_steps and not self.force:
+            raise InputError(f"the scheduler runs {n} steps but the cache plan was made for {self.plan.num_steps} "
+                             "steps; set num_inference_steps to the plan's step count or use a plan for this count")
+        pipe = self.pipe_ref() if self.pipe_ref is not None else None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None and self.plan.scheduler_class and not self.force \
+                and sched_name(scheduler) != self.plan.scheduler_class:
+            raise InputError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made "
+                             f"for {self.plan.scheduler_class}")
+
+
+class _StepHook(StatefulHook):
+    """The step hook on the transformer: step tracking and the active flag the unit hooks read."""
+
+    def __init__(self, state: _HCState, timestep_position: int) -> None:
+        super().__init__()
+        self.state = state
+        self.timestep_position = timestep_position
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state.clear()
+        return module
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        st = self.state
+        hidden = get_argument(args, kwargs, "hidden_states", 0)
+        timestep = get_argument(args, kwargs, "timestep", self.timestep_position)
+        if timestep is None:
+            raise TypeError("HarmoniCa caching needs the transformer's `timestep` argument")
+        tracker = st.tracker
+        tracker.observe(timestep, input_signature(hidden))
+        key = (tracker.generations, tracker.step)
+        if key != st.step_key:
+            st.step_key, st.slot = key, 0
+            st.counters.steps += 1
+        elif not st.single_slot:
+            st.slot += 1
+        st.counters.calls += 1
+        if st.mode == CacheMode.PLAN and st.plan is not None and tracker.step >= st.plan.num_steps:
+            if not st.force:
+                raise InputError(f"step {tracker.step} of this generation is past the cache plan's "
+                                 f"{st.plan.num_steps} steps; run {st.plan.num_steps} steps or use a matching plan")
+        st.active = True
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            st.active = False
+
+
+def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
+    """r f + (1 - r) c, stream by stream for units that return several tensors."""
+    if isinstance(out, torch.Tensor):
+        return r * out + (1 - r) * cached
+    return type(out)(_blend(r, o, c) if o is not None else None for o, c in zip(out, cached, strict=True))
+
+
+class _UnitHook(StatefulHook):
+    """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
+
+    def __init__(self, state: _HCState, index: int) -> None:
+        super().__init__()
+        self.state = state
+        self.index = index
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state.clear()
+        return module
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        st = self.state
+        forward = self.fn_ref.original_forward
+        if not st.active or st.mode == CacheMode.TEACHER:
+            return forward(*args, **kwargs)
+        u, step = self.index, st.tracker.step
+        key = (u, st.slot)
+        cached = st.cache.get(key)
+        if st.mode == CacheMode.PLAN:
+            rows = st.rows
+            compute = cached is None or step >= len(rows) or rows[step][u]
+            if not compute:
+                st.counters.reuses[u] += 1
+                return cached  # gated out of place by the block, so handing out the stored tensor is safe
+            out = forward(*args, **kwargs)
+            st.cache[key] = tree_map(torch.Tensor.detach, out)  # MMDiT joint attention returns two streams
+            st.counters.runs[u] += 1
+            return out
+        out = forward(*args, **kwargs)
+        st.counters.runs[u] += 1
+        if st.mode == CacheMode.TEACHER_WRITE:
+            st.cache[key] = tree_map(torch.Tensor.detach, out)
+            return out
+        gates = st.gates(step) if st.gates is not None else None
+        if gates is None or cached is None:
+            y, write = out, True
+        else:
+            r = gates[u]
+            y = _blend(r, out, cached)  # spec §3.4: y = r f + (1 - r) c
+            write = bool(r.detach() > st.threshold)
+        if st.mode == CacheMode.SOFT and write:
+            st.cache[key] = tree_map(torch.Tensor.detach, y)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _timestep_position(transformer: nn.Module) -> int:
+    names = list(inspect.signature(type(transformer).forward).parameters)[1:]  # drop self
+    return names.index("timestep") if "timestep" in names else 1
+
+
+def check_plan(plan: CachePlan, model: Any) -> None:
+    """Raise ValueError when `plan` does not fit the transformer (class, block count, unit count) or, given a
+    pipeline, its scheduler class. Messages name both sides."""
+    transformer = find_denoiser(model)
+    cls = type(transformer).__name__
+    units = default_units(transformer)
+    blocks = num_blocks(transformer)
+    n_units = len(unit_modules(transformer))
+    if plan.model_class is not None and plan.model_class != cls:
+        raise InputError(f"the cache plan was made for {plan.model_class} but the model is {cls}")
+    if plan.units is not None and tuple(plan.units) != units:
+        raise InputError(f"the cache plan's units are {plan.units} but {cls} uses {units}")
+    if plan.num_blocks is not None and plan.num_blocks != blocks:
+        raise InputError(f"the cache plan was made for {plan.num_blocks} transformer blocks but the model has {blocks}")
+    if plan.num_units != n_units:
+        raise InputError(f"the cache plan has {plan.num_units} unit columns but the model has {n_units} "
+                         f"units ({blocks} blocks, units {units})")
+    scheduler = getattr(model, "scheduler", None)
+    if scheduler is not None and plan.scheduler_class and sched_name(scheduler) != plan.scheduler_class:
+        raise InputError(f"the pipeline's scheduler is {sched_name(scheduler)} but the cache plan was made for "
+                         f"{plan.scheduler_class}")
+
+
+def _attach(model: Any, plan: CachePlan | None, force: bool,
+            timesteps_callback: Callable[[], Any] | None) -> _HCState:
+    pipe = None if isinstance(model, nn.Module) else model
+    transformer = find_denoiser(model)
+    units = unit_modules(transformer)
+    if has_hook(transformer, STEP_HOOK):
+        raise InputError("a cache plan or router is already attached to this transformer; call remove_cache_plan "
+                         "first")
+    if timesteps_callback is None and pipe is not None:
+        pipe_ref = weakref.ref(pipe)
+        timesteps_callback = lambda: pipe_ref().scheduler.timesteps  # noqa: E731
+    state = _HCState(len(units), plan, pipe, force, timesteps_callback)
+    for i, (_, module) in enumerate(units):
+        register_hook(module, _UnitHook(state, i), UNIT_HOOK)
+    register_hook(transformer, _StepHook(state, _timestep_position(transformer)), STEP_HOOK)
+    return state
+
+
+def apply_cache_plan(model: Any, plan: CachePlan | str | os.PathLike, *, force: bool = False,
+                     timesteps_callback: Callable[[], Any] | None = None) -> None:
+    """Attach a cache plan to a DiT / PixArt transformer or to a pipeline's transformer.
+
+    Then call the pipeline normally (or through `cached_call` for an explicit reset). `plan` may be a `CachePlan`,
+    a file, or a shipped plan's name. Layout mismatches raise ValueError; so do, at the start of a generation, a
+    scheduler step count or scheduler class other than the plan's (when the pipeline or `timesteps_callback` tells
+    us), unless `force=True`.
+    """
+    if not isinstance(plan, CachePlan):
+        plan = CachePlan.load(plan)
+    if force:
+        transformer = find_denoiser(model)
+        n = len(unit_modules(transformer))
+        if plan.num_units != n:
+            raise InputError(f"the cache plan has {plan.num_units} unit columns but the model has {n} units")
+    else:
+        check_plan(plan, model)
+    _attach(model, plan, force, timesteps_callback)
+
+
+def attach_router(model: Any, router: Router | None = None, *, threshold: float = DEFAULT_THRESHOLD) -> _HCState:
+    """Attach the training engine (soft forward, spec §3.4) and return its state, for `harmonica_train`.
+
+    The state starts in "teacher" mode; set `state.mode` and `state.gates` per forward. Remove with
+    `remove_cache_plan`."""
+    transformer = find_denoiser(model)
+    if router is not None and router.num_units != len(unit_modules(transformer)):
+        raise InputError(f"the router has {router.num_units} units but the model has "
+                         f"{len(unit_modules(transformer))}")
+    state = _attach(transformer, None, True, None)
+    state.threshold = threshold
+    state.single_slot = True
+    return state
+
+
+def remove_cache_plan(model: Any) -> None:
+    """Reset and remove every HarmoniCa hook; the transformer then behaves exactly as before."""
+    remove_hooks(find_denoiser(model), list(HOOK_NAMES))
+
+
+def _state(model: Any) -> _HCState:
+    return hook_state(model, STEP_HOOK, "a cache plan")
+
+
+def cache_plan_counters(model: Any) -> CachePlanCounters:
+    """Unit executions and reuses of the current (or last) generation."""
+    return _state(model).counters
+
+
+def attached_plan(model: Any) -> CachePlan | None:
+    """The plan attached to a model (None when none is, or a router is attached for training)."""
+    hook = get_hook(find_denoiser(model), STEP_HOOK)
+    return None if hook is None else hook.state.plan
