@@ -1,12 +1,14 @@
-"""Encoder propagation speed on the SD-1.5-size UNet (random weights): FLOPs ratio and wall-time speed-up.
+"""Encoder propagation speed on the SD-1.5-size or SDXL-size UNet (random weights): FLOPs ratio and speed-up.
 
-Runs a DDIM denoising loop over `zoo.load("random-sd15-unet")` (859M parameters) three ways, interleaved so that
+Runs a DDIM denoising loop over `zoo.load("random-sd15-unet")` (859M parameters; `--model random-sdxl-unet`: the
+SDXL base UNet, 2.57B, with its `added_cond_kwargs`) three ways, interleaved so that
 machine noise hits all of them alike: the plain UNet, encoder propagation with sequential decoding, and with
 parallel decoding. FLOPs per UNet call come from `core.flops.flop_counter` on one full call and one
 non-key (decoder-only) call; the schedule's FLOPs ratio is `N F_full / (K F_full + (N - K) F_dec)`. Wall time
 and process CPU time are both reported: on a shared machine CPU time is the one other processes barely disturb.
 
     python benchmarks/caching_speed.py --steps 25 50 --resolution 256 --batch 1 --repeats 1
+    python benchmarks/caching_speed.py --model random-sdxl-unet --per-call --steps 28 50 --resolution 512 --batch 2
 
 Progress goes to stderr, a JSON summary to stdout (and to --out).
 """
@@ -49,26 +51,26 @@ def schedule_for(name: str, steps: int) -> str:
 
 
 @torch.no_grad()
-def denoise(unet, scheduler, x0: torch.Tensor, ehs: torch.Tensor, steps: int) -> torch.Tensor:
+def denoise(unet, scheduler, x0: torch.Tensor, cond: dict, steps: int) -> torch.Tensor:
     """A stock diffusers-style sampling loop: one UNet call and one `scheduler.step` per step."""
     scheduler.set_timesteps(steps)
     x = x0 * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        eps = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=ehs).sample
+        eps = unet(scheduler.scale_model_input(x, t), t, **cond).sample
         x = scheduler.step(eps, t, x).prev_sample
     return x
 
 
 @torch.no_grad()
-def flops_per_call(unet, x: torch.Tensor, ehs: torch.Tensor) -> tuple[int, int]:
+def flops_per_call(unet, x: torch.Tensor, cond: dict) -> tuple[int, int]:
     """FLOPs of a full UNet call and of a non-key (decoder-only) call under encoder propagation."""
     with flop_counter() as full:
-        unet(x, torch.tensor(981), encoder_hidden_states=ehs)
+        unet(x, torch.tensor(981), **cond)
     apply_encoder_propagation(unet, EncoderPropagationConfig(key_steps=[0], noise_injection=None))
     try:
-        unet(x, torch.tensor(981), encoder_hidden_states=ehs)
+        unet(x, torch.tensor(981), **cond)
         with flop_counter() as dec:
-            unet(x, torch.tensor(961), encoder_hidden_states=ehs)
+            unet(x, torch.tensor(961), **cond)
         assert encoder_propagation_counters(unet).encoder_passes == 1
     finally:
         remove_encoder_propagation(unet)
@@ -76,7 +78,7 @@ def flops_per_call(unet, x: torch.Tensor, ehs: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def per_call(unet, x0: torch.Tensor, ehs: torch.Tensor, steps_list: list[int], schedule: str, repeats: int,
+def per_call(unet, x0: torch.Tensor, cond: dict, steps_list: list[int], schedule: str, repeats: int,
              group: int) -> dict:
     """Wall and CPU seconds of single UNet calls, interleaved: plain, hooked key step, hooked non-key step, and a
     batched replay of `group` non-key steps (parallel decoding); loop times for each N are then assembled from them.
@@ -92,14 +94,14 @@ def per_call(unet, x0: torch.Tensor, ehs: torch.Tensor, steps_list: list[int], s
         wall[kind].append(time.perf_counter() - t0)
         cpu[kind].append(time.process_time() - c0)
 
-    unet(x0, ts[0], ehs)  # warm-up
+    unet(x0, ts[0], **cond)  # warm-up
     for rep in range(repeats):
-        timed("plain", lambda: unet(x0, ts[0], ehs))
+        timed("plain", lambda: unet(x0, ts[0], **cond))
         apply_encoder_propagation(unet, EncoderPropagationConfig(
             key_steps=[0], noise_injection=None, parallel=True, max_parallel=group, timesteps_callback=lambda: ts))
         try:
-            timed("key", lambda: unet(x0, ts[0], ehs))
-            timed("nonkey", lambda: unet(x0, ts[1], ehs))  # first non-key step: decodes `group` steps at once
+            timed("key", lambda: unet(x0, ts[0], **cond))
+            timed("nonkey", lambda: unet(x0, ts[1], **cond))  # first non-key step: decodes `group` steps at once
             wall[f"batch{group}"].append(wall["nonkey"].pop())
             cpu[f"batch{group}"].append(cpu["nonkey"].pop())
             assert encoder_propagation_counters(unet).parallel_batches == 1
@@ -107,8 +109,8 @@ def per_call(unet, x0: torch.Tensor, ehs: torch.Tensor, steps_list: list[int], s
             remove_encoder_propagation(unet)
         apply_encoder_propagation(unet, EncoderPropagationConfig(key_steps=[0], noise_injection=None))
         try:
-            unet(x0, ts[0], ehs)
-            timed("nonkey", lambda: unet(x0, ts[1], ehs))
+            unet(x0, ts[0], **cond)
+            timed("nonkey", lambda: unet(x0, ts[1], **cond))
         finally:
             remove_encoder_propagation(unet)
         log(f"per-call rep {rep}: " + ", ".join(f"{k} {cpu[k][-1]:.2f}s cpu / {wall[k][-1]:.2f}s wall" for k in kinds))
@@ -132,6 +134,7 @@ def per_call(unet, x0: torch.Tensor, ehs: torch.Tensor, steps_list: list[int], s
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=["random-sd15-unet", "random-sdxl-unet"], default="random-sd15-unet")
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 50])
     ap.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent side = /8)")
     ap.add_argument("--batch", type=int, default=1, help="UNet batch rows (2 = one image with CFG)")
@@ -145,21 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    log("building random-sd15-unet")
-    unet = zoo.load("random-sd15-unet").eval()
+    log(f"building {args.model}")
+    unet = zoo.load(args.model).eval()
     side = args.resolution // 8
     x0 = torch.randn(args.batch, 4, side, side)
-    ehs = torch.randn(args.batch, 77, unet.config.cross_attention_dim)
+    cond = {"encoder_hidden_states": torch.randn(args.batch, 77, unet.config.cross_attention_dim)}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embeds + (size, crop, target) ids
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        cond["added_cond_kwargs"] = {"text_embeds": torch.randn(args.batch, pooled),
+                                     "time_ids": torch.tensor([[args.resolution] * 2 + [0, 0] +
+                                                               [args.resolution] * 2] * args.batch, dtype=torch.float)}
     scheduler = sd_ddim()
-    f_full, f_dec = flops_per_call(unet, x0, ehs)
+    f_full, f_dec = flops_per_call(unet, x0, cond)
     enc_share = 1 - f_dec / f_full
     log(f"FLOPs per call: full {f_full / 1e9:.1f} G, decoder-only {f_dec / 1e9:.1f} G (encoder {enc_share:.1%})")
 
-    header = {"device": "cpu", "threads": args.threads, "dtype": "float32", "model": "random-sd15-unet",
+    header = {"device": "cpu", "threads": args.threads, "dtype": "float32", "model": args.model,
               "resolution": args.resolution, "latent": [side, side], "batch": args.batch,
               "flops_full_per_call": f_full, "flops_decoder_per_call": f_dec, "encoder_flops_share": enc_share}
     if args.per_call:
-        result = per_call(unet, x0, ehs, args.steps, args.schedule, args.repeats, args.group)
+        result = per_call(unet, x0, cond, args.steps, args.schedule, args.repeats, args.group)
         for row in result["loops"]:
             keys = get_schedule(row["schedule"]).key_steps(row["steps"])
             row["flops_ratio"] = row["steps"] * f_full / (len(keys) * f_full + (row["steps"] - len(keys)) * f_dec)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     apply_encoder_propagation(unet, cfg)
                 reset_caches(unet)
                 t0, c0 = time.perf_counter(), time.process_time()
-                outs[mode] = denoise(unet, scheduler, x0, ehs, steps)
+                outs[mode] = denoise(unet, scheduler, x0, cond, steps)
                 times[mode].append(time.perf_counter() - t0)
                 cpu[mode].append(time.process_time() - c0)
                 if mode != "baseline":

@@ -23,14 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     q = csub.add_parser("train-router", help="train a HarmoniCa router and write its binary cache plan",
                         description="Train a HarmoniCa router (Step-wise Denoising Training with the Image-Error-Proxy "
-                                    "objective) for a class-conditional DiT pipeline and write the binary cache plan "
-                                    "(safetensors), the router logits and a JSON card with this command.")
-    q.add_argument("--model", default="digits-dit", help="zoo DiT pipeline (default digits-dit)")
+                                    "objective) for a class-conditional DiT or a Flux pipeline and write the binary "
+                                    "cache plan (safetensors), the router logits and a JSON card with this command.")
+    q.add_argument("--model", default="digits-dit", help="zoo DiT or Flux pipeline (default digits-dit)")
     q.add_argument("--steps", type=steps_option, default=20, help="sampling steps the plan is for (default 20)")
     q.add_argument("--trajectories", type=int_in(1, 1_000_000), default=120, help="training trajectories (default 120)")
     q.add_argument("--batch-size", type=batch_option, default=16, help="images per trajectory; CFG doubles the rows")
-    q.add_argument("--guidance", type=float_in(0.0, 100.0), default=4.0,
-                   help="CFG scale used in training and inference (4.0)")
+    q.add_argument("--guidance", type=float_in(0.0, 100.0), default=None,
+                   help="guidance scale used in training and inference (default: the pipeline's, 4.0 for DiT)")
+    q.add_argument("--prompt", action="append", default=None,
+                   help="text pipelines: a training prompt (repeatable; default the ten digit captions)")
     q.add_argument("--beta", type=float_in(0.0), default=1e-4, help="reuse incentive β: larger -> more cache reuse")
     q.add_argument("--lr", type=float_in(0.0, 10.0, lo_open=True), default=0.05,
                    help="AdamW learning rate on the router logits")
@@ -93,6 +95,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     import torch
 
     from .. import zoo
+    from ..core.families import family_for
     from .harmonica_train import TrainConfig, train_router, write_card
 
     if args.threads < 1:
@@ -100,11 +103,13 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     if args.out.suffix != ".safetensors":
         raise InputError(f"--out must end in .safetensors, got {args.out}")
     torch.set_num_threads(args.threads)
+    pipe = zoo.load(args.model)
+    guidance = args.guidance if args.guidance is not None else family_for(pipe).default_guidance or 1.0
     config = TrainConfig(num_steps=args.steps, trajectories=args.trajectories, batch_size=args.batch_size,
-                         guidance_scale=args.guidance, beta=args.beta, lr=args.lr, threshold=args.threshold,
+                         guidance_scale=guidance, beta=args.beta, prompts=args.prompt, lr=args.lr,
+                         threshold=args.threshold,
                          lambda_every=args.lambda_every, lambda_mode=args.lambda_mode, sdt=not args.no_sdt,
                          iepo=not args.no_iepo, seed=args.seed, cost_weighted=args.cost_weighted)
-    pipe = zoo.load(args.model)
     ckpt = args.checkpoint or args.out.with_name(args.out.stem + ".ckpt.pt")
     result = train_router(pipe, config, checkpoint=ckpt, resume=args.resume)
     result.plan.metadata["model"] = args.model

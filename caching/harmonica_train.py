@@ -1,6 +1,7 @@
 """HarmoniCa router training: Step-wise Denoising Training (SDT) with the Image-Error-Proxy-guided Objective (IEPO).
 
-Huang et al., ICML 2025 (arXiv 2410.01723), §4 and spec §3.4-3.7. Image-free: only noise and class ids.
+Huang et al., ICML 2025 (arXiv 2410.01723), §4 and spec §3.4-3.7. Image-free: only noise and class ids (DiT) or
+prompts (Flux).
 
 SDT (paper §4.1, spec §3.5): every trajectory starts from fresh noise, resets the unit caches, runs step 0 fully,
 and for s = 1..N-1 computes the teacher prediction ε_T = f(x_s) (no cache access), the student prediction ε_S with
@@ -29,6 +30,9 @@ the cache holds the teacher's exact features of the previous step), `iepo=False`
 
 CFG convention (spec §3.5 point 5): diffusers' `DiTPipeline` — guidance on all latent channels, at the guidance
 scale the plan will be used with (default 4.0 for `digits-dit`), `[cond; null]` rows with the null class 1000.
+`FluxPipeline` (a diffaccel extension; the paper trains DiT and PixArt): one row per image with the embedded
+guidance the model has (none for `digits-flux`); true CFG's second call is not trained. Training prompts play the
+role of the class ids: drawn uniformly from a prompt list, by default the zoo's ten digit captions.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ from typing import Any
 import torch
 
 from ..core.errors import InputError
-from ..core.families import DiTFamily, family_class
+from ..core.families import DiTFamily, FluxFamily, family_class
 from ..core.files import atomic_save
 from ..samplers.loop import sample
+from ..zoo.data import caption
 from .harmonica import DEFAULT_THRESHOLD, CacheMode, CachePlan, Router, attach_router, remove_cache_plan
 
 
@@ -72,6 +77,7 @@ class TrainConfig:
     init_std: float = 1.0
     num_classes: int = 10
     cost_weighted: bool = False  # diffaccel extension: β term weighted by each unit's FLOPs share (not the paper)
+    prompts: list[str] | None = None  # text pipelines: training prompts (None: the zoo's digit captions)
 
     def __post_init__(self) -> None:
         if self.lambda_mode not in ("released", "paper"):
@@ -98,40 +104,60 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class DiTSampler:
-    """The `DiTPipeline` denoising loop with per-step control (spec §3.8): CFG rows, guidance, scheduler step."""
+class TrajectorySampler:
+    """The target pipeline's denoising loop with per-step control (spec §3.8), through its family adapter.
 
-    def __init__(self, pipe: Any, num_steps: int, guidance_scale: float) -> None:
-        if family_class(pipe) is not DiTFamily:
-            raise InputError(f"router training supports DiTPipeline (class-conditional DiT), got "
-                             f"{type(pipe).__name__} with denoiser {type(getattr(pipe, 'transformer', None)).__name__}")
-        self.family = DiTFamily(pipe)
+    `DiTPipeline`: class labels, CFG rows `[cond; null]` and guidance on all latent channels, as the pipeline forms
+    them. `FluxPipeline`: packed latents, prompts drawn from `prompts` (default: the zoo's digit captions, one per
+    class), embedded guidance only (no true CFG), the pipeline's shifted sigma grid.
+    """
+
+    def __init__(self, pipe: Any, num_steps: int, guidance_scale: float,
+                 prompts: list[str] | None = None) -> None:
+        cls = family_class(pipe)
+        if cls not in (DiTFamily, FluxFamily):
+            raise InputError(f"router training supports DiTPipeline and FluxPipeline, got {type(pipe).__name__} "
+                             f"with denoiser {type(getattr(pipe, 'transformer', None)).__name__}")
+        self.family = cls(pipe)
         self.pipe = pipe
         self.transformer = pipe.transformer
         self.num_steps = num_steps
         self.guidance = guidance_scale
+        self.prompts = list(prompts) if prompts else None
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(num_steps)
+        self.family.set_timesteps(self.scheduler, num_steps)
         self.timesteps = self.scheduler.timesteps
         if len(self.timesteps) != num_steps:
             raise InputError(f"{type(self.scheduler).__name__} gives {len(self.timesteps)} timesteps for "
                              f"num_inference_steps={num_steps}")
-        cfg = self.transformer.config
-        self.channels, self.size = cfg.in_channels, cfg.sample_size
 
-    def draw(self, batch: int, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise x_T and class ids for one trajectory (deterministic given the generator)."""
-        x = torch.randn(batch, self.channels, self.size, self.size, generator=generator)
-        labels = torch.randint(0, num_classes, (batch,), generator=generator)
-        return x.to(self.transformer.device, self.transformer.dtype), labels.to(self.transformer.device)
+    @property
+    def text(self) -> bool:
+        return isinstance(self.family, FluxFamily)
+
+    def draw(self, batch: int, num_classes: int, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
+        """Noise x_T and the conditioning of one trajectory (class ids, or text embeddings of prompts drawn
+        uniformly); deterministic given the generator."""
+        if not self.text:
+            cfg = self.transformer.config
+            x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
+            labels = torch.randint(0, num_classes, (batch,), generator=generator)
+            return x.to(self.transformer.device, self.transformer.dtype), labels.to(self.transformer.device)
+        x = self.family.init_latents(batch, generator)
+        prompts = self.prompts or [caption(c) for c in range(min(num_classes, 10))]
+        picks = torch.randint(0, len(prompts), (batch,), generator=generator).tolist()
+        return x, self.family.condition([prompts[i] for i in picks], 1, self.guidance)
 
     def fresh_scheduler(self) -> Any:
         sched = type(self.scheduler).from_config(self.scheduler.config)
-        sched.set_timesteps(self.num_steps)
+        self.family.set_timesteps(sched, self.num_steps)
         return sched
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scheduler: Any) -> torch.Tensor:
-        """Guided prediction for the B image rows, exactly as `DiTPipeline.__call__` forms it (the DiT family's)."""
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Any, scheduler: Any) -> torch.Tensor:
+        """The model output the pipeline hands its scheduler, formed as the pipeline's own call forms it."""
+        if self.text:
+            return self.family.eps(x, t, **cond)
+        labels = cond
         if self.guidance > 1:
             labels = torch.cat([labels, torch.full_like(labels, DiTFamily.NULL_CLASS)])
         return self.family.eps(x, t, labels=labels, guidance_scale=self.guidance, scheduler=scheduler)
@@ -141,13 +167,13 @@ class DiTSampler:
 
 
 @torch.no_grad()
-def generate(sampler: DiTSampler, state: Any, x: torch.Tensor, labels: torch.Tensor,
+def generate(sampler: TrajectorySampler, state: Any, x: torch.Tensor, cond: Any,
              gates: Callable[[int], torch.Tensor | None]) -> torch.Tensor:
     """One no-grad generation with the soft forward and the given per-row gates; returns the final latent x_0."""
     sched = sampler.fresh_scheduler()
     state.clear()
     state.mode, state.gates = CacheMode.SOFT, gates
-    x = sample(lambda z, t: sampler.eps(z, t, labels, sched), x, sched.timesteps, scheduler=sched)
+    x = sample(lambda z, t: sampler.eps(z, t, cond, sched), x, sched.timesteps, scheduler=sched)
     state.gates = None
     return x
 
@@ -157,22 +183,22 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def image_error_proxy(sampler: DiTSampler, state: Any, router: Router, x: torch.Tensor, labels: torch.Tensor,
+def image_error_proxy(sampler: TrajectorySampler, state: Any, router: Router, x: torch.Tensor, cond: Any,
                       mode: str = "released") -> list[float]:
     """λ_0..λ_{N-1} (λ_0 = 0, never used): N no-grad generations (module docstring, spec §3.6)."""
     n = sampler.num_steps
     scores = router.scores().detach()
     lam = [0.0] * n
     if mode == "released":
-        prev = generate(sampler, state, x, labels, lambda k: None)
+        prev = generate(sampler, state, x, cond, lambda k: None)
         for s in range(1, n):
-            cur = generate(sampler, state, x, labels, lambda k, s=s: scores[k] if 1 <= k <= s else None)
+            cur = generate(sampler, state, x, cond, lambda k, s=s: scores[k] if 1 <= k <= s else None)
             lam[s] = _per_sample_mse(cur, prev)
             prev = cur
     elif mode == "paper":
-        full = generate(sampler, state, x, labels, lambda k: scores[k] if k >= 1 else None)
+        full = generate(sampler, state, x, cond, lambda k: scores[k] if k >= 1 else None)
         for s in range(1, n):
-            forced = generate(sampler, state, x, labels, lambda k, s=s: scores[k] if k >= 1 and k != s else None)
+            forced = generate(sampler, state, x, cond, lambda k, s=s: scores[k] if k >= 1 and k != s else None)
             lam[s] = _per_sample_mse(full, forced)
     else:
         raise InputError(f"lambda mode must be 'released' or 'paper', got {mode!r}")
@@ -186,13 +212,14 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLike | None = None,
                  resume: bool = False, checkpoint_every: int = 10, progress: bool = True,
                  on_trajectory: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train a HarmoniCa router for `pipe` (a `DiTPipeline`) and return it with its plan and loss history.
+    """Train a HarmoniCa router for `pipe` (a `DiTPipeline` or `FluxPipeline`); returns it with its plan and loss
+    history.
 
     Model weights are frozen (their `requires_grad` flags are restored afterwards). `checkpoint` is written
     atomically every `checkpoint_every` trajectories and at the end; `resume=True` continues from it (the config
     must match, except `trajectories`, which may grow). Deterministic given `config.seed` and the thread count.
     """
-    sampler = DiTSampler(pipe, config.num_steps, config.guidance_scale)
+    sampler = TrajectorySampler(pipe, config.num_steps, config.guidance_scale, config.prompts)
     transformer = sampler.transformer
     unit_cost = None
     if config.cost_weighted:
@@ -239,12 +266,12 @@ def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLik
     try:
         for traj in range(start, config.trajectories):
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + traj)
-            x, labels = sampler.draw(config.batch_size, config.num_classes, g)
+            x, cond = sampler.draw(config.batch_size, config.num_classes, g)
             if config.iepo and (lam is None or traj % config.lambda_every == 0):
-                lam = image_error_proxy(sampler, state, router, x, labels, config.lambda_mode)
+                lam = image_error_proxy(sampler, state, router, x, cond, config.lambda_mode)
                 refreshes += 1
             weights = lam if config.iepo else [1.0] * config.num_steps
-            record = _trajectory(sampler, state, router, opt, x, labels, weights, config, unit_cost)
+            record = _trajectory(sampler, state, router, opt, x, cond, weights, config, unit_cost)
             record["usage_ratio"] = router.to_plan(config.threshold).usage_ratio
             history.append(record)
             if on_trajectory is not None:
@@ -271,8 +298,8 @@ def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLik
     return TrainResult(router, plan, history, list(lam or []), refreshes, time.perf_counter() - t_start)
 
 
-def _trajectory(sampler: DiTSampler, state: Any, router: Router, opt: torch.optim.Optimizer, x: torch.Tensor,
-                labels: torch.Tensor, weights: list[float], config: TrainConfig,
+def _trajectory(sampler: TrajectorySampler, state: Any, router: Router, opt: torch.optim.Optimizer, x: torch.Tensor,
+                cond: Any, weights: list[float], config: TrainConfig,
                 unit_cost: torch.Tensor | None = None) -> dict[str, float]:
     """One SDT trajectory (or its no-SDT ablation): N-1 optimiser steps, one per row (spec §3.5)."""
     sched = sampler.fresh_scheduler()
@@ -282,22 +309,22 @@ def _trajectory(sampler: DiTSampler, state: Any, router: Router, opt: torch.opti
         if s == 0:
             with torch.no_grad():
                 state.mode, state.gates = (CacheMode.SOFT if config.sdt else CacheMode.TEACHER_WRITE), (lambda k: None)
-                eps = sampler.eps(x, t, labels, sched)
+                eps = sampler.eps(x, t, cond, sched)
             x = sampler.step(sched, eps, t, x)
             continue
         scores = router.row_scores(s)
         if config.sdt:
             with torch.no_grad():
                 state.mode = CacheMode.TEACHER
-                eps_t = sampler.eps(x, t, labels, sched)
+                eps_t = sampler.eps(x, t, cond, sched)
             state.mode, state.gates = CacheMode.SOFT, (lambda k, r=scores: r)
-            eps_s = sampler.eps(x, t, labels, sched)
+            eps_s = sampler.eps(x, t, cond, sched)
         else:  # L2C-like: blend with the teacher's exact features of step s-1, then cache the teacher's features
             state.mode, state.gates = CacheMode.SOFT_READONLY, (lambda k, r=scores: r)
-            eps_s = sampler.eps(x, t, labels, sched)
+            eps_s = sampler.eps(x, t, cond, sched)
             with torch.no_grad():
                 state.mode = CacheMode.TEACHER_WRITE
-                eps_t = sampler.eps(x, t, labels, sched)
+                eps_t = sampler.eps(x, t, cond, sched)
         state.gates = None
         mse = torch.mean((eps_t - eps_s) ** 2)
         reg = scores.sum() if unit_cost is None else (unit_cost * scores).sum()

@@ -95,6 +95,10 @@ class PipelineFamily:
         """Extra arguments of `eps` for `k` rows per conditioning (prompt-major), CFG-ready."""
         raise NotImplementedError
 
+    def set_timesteps(self, scheduler: Any, steps: int) -> None:
+        """Give `scheduler` the timesteps of a `steps`-step generation, as the pipeline's own call sets them."""
+        scheduler.set_timesteps(steps)
+
     def noise_shape(self, n: int) -> tuple[int, ...]:
         cfg = self.denoiser.config
         size = cfg.sample_size

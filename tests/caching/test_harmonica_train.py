@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from diffaccel import zoo
-from diffaccel.caching import Router, remove_cache_plan
-from diffaccel.caching.harmonica import attach_router
-from diffaccel.caching.harmonica_train import DiTSampler, TrainConfig, generate, image_error_proxy, train_router
+from diffaccel.caching import Router, apply_cache_plan, cache_plan_counters, remove_cache_plan
+from diffaccel.caching.harmonica import attach_router, unit_modules
+from diffaccel.caching.harmonica_train import TrainConfig, TrajectorySampler, generate, image_error_proxy, train_router
 from tolerances import roundoff_atol
 from zoo_pipes import quiet_pipeline
 
@@ -24,7 +24,7 @@ def draw(sampler, seed=0, batch=2):
 
 
 def test_sampler_matches_pipeline_and_soft_forward_with_r_one_is_exact(dit):
-    sampler = DiTSampler(dit, STEPS, 4.0)
+    sampler = TrajectorySampler(dit, STEPS, 4.0)
     x, labels = draw(sampler)
     state = attach_router(dit.transformer)
     try:
@@ -42,7 +42,7 @@ def test_sampler_matches_pipeline_and_soft_forward_with_r_one_is_exact(dit):
 
 def test_soft_blend_and_write_rule(dit):
     """y = r f + (1 - r) c; the cache takes the blended value only when r > τ; teacher mode leaves it alone."""
-    sampler = DiTSampler(dit, STEPS, 1.0)
+    sampler = TrajectorySampler(dit, STEPS, 1.0)
     x, labels = draw(sampler)
     state = attach_router(dit.transformer, threshold=0.5)
     unit = dit.transformer.transformer_blocks[0].attn1
@@ -77,7 +77,7 @@ def test_soft_blend_and_write_rule(dit):
 def test_sdt_gradient_reaches_only_its_row_and_matches_finite_difference(dit):
     transformer = dit.transformer.double()
     try:
-        sampler = DiTSampler(dit, STEPS, 4.0)
+        sampler = TrajectorySampler(dit, STEPS, 4.0)
         x, labels = draw(sampler)
         x = x.double()
         router = Router.for_model(dit, STEPS, seed=1).double()
@@ -121,7 +121,7 @@ def test_sdt_gradient_reaches_only_its_row_and_matches_finite_difference(dit):
 
 
 def test_lambda_forms_coincide_when_one_row_caches(dit):
-    sampler = DiTSampler(dit, STEPS, 4.0)
+    sampler = TrajectorySampler(dit, STEPS, 4.0)
     x, labels = draw(sampler, seed=3)
     router = Router.for_model(dit, STEPS)
     with torch.no_grad():
@@ -179,4 +179,51 @@ def test_bad_training_input(dit):
     with pytest.raises(ValueError, match="num_steps"):
         TrainConfig(num_steps=1)
     with pytest.raises(ValueError, match="DiTPipeline"):  # InputError (exit code 2)
-        DiTSampler(zoo.load("random-pixart"), 3, 4.0)
+        TrajectorySampler(zoo.load("random-pixart"), 3, 4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FluxPipeline (MMDiT double- and single-stream units, flow matching, packed latents, text conditioning)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    pipe = quiet_pipeline("random-flux")
+    pipe.default_sample_size = 8  # 16 px -> 8x8 latents -> 16 packed tokens (the pipeline default is 256 px)
+    return pipe
+
+
+def test_flux_sampler_reproduces_the_stock_pipeline(flux):
+    sampler = TrajectorySampler(flux, STEPS, 3.5)
+    x, cond = draw(sampler, seed=1)
+    state = attach_router(flux.transformer)
+    try:
+        plain = generate(sampler, state, x, cond, lambda k: None)
+        soft = generate(sampler, state, x, cond, lambda k: torch.ones(state.num_units))  # r ≡ 1
+    finally:
+        remove_cache_plan(flux)
+    with torch.no_grad():
+        ref = flux(prompt_embeds=cond["embeds"], pooled_prompt_embeds=cond["pooled"], latents=x,
+                   num_inference_steps=STEPS, guidance_scale=3.5, height=16, width=16, output_type="latent").images
+    assert torch.equal(plain, ref) and torch.equal(soft, ref)  # same operations in the same order: bit-exact
+
+
+def test_flux_router_training_gives_a_valid_plan_the_pipeline_obeys(flux):
+    base = dict(num_steps=3, trajectories=2, batch_size=2, lr=0.5, lambda_every=2, guidance_scale=3.5)
+    res = train_router(flux, TrainConfig(**base, beta=0.0), progress=False)
+    hi = train_router(flux, TrainConfig(**base, beta=10.0, iepo=False), progress=False)
+    assert res.lambda_refreshes == 1 and len(res.lambdas) == 3 and all(v >= 0 for v in res.lambdas)
+    assert all(math.isfinite(h["loss"]) for h in res.history)
+    n_units = len(unit_modules(flux.transformer))
+    plan = hi.plan
+    assert plan.model_class == "FluxTransformer2DModel" and plan.num_units == n_units and plan.mask[0].all()
+    assert plan.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+    assert hi.plan.usage_ratio > res.plan.usage_ratio  # β is the reuse incentive
+    apply_cache_plan(flux, plan)
+    try:
+        flux("a handwritten digit two", num_inference_steps=3, height=16, width=16, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        runs = cache_plan_counters(flux).runs
+    finally:
+        remove_cache_plan(flux)
+    assert runs == plan.mask.sum(0).tolist()  # every unit ran exactly at its plan's compute steps
