@@ -1,14 +1,17 @@
 """diffaccel's FORA unit plans vs diffusers' own caches on `digits-flux`, side by side in one run (issue #16).
 
-    python benchmarks/flux_caches.py                 # 28 steps, 200 images per row
+    python benchmarks/flux_caches.py                 # 28 steps, 200 images per row, every shipped digits-flux plan
     python benchmarks/flux_caches.py --report-only   # rebuild flux_caches.md from flux_caches.jsonl
 
 Rows: the uncached pipeline (the reference of the paired metrics), diffaccel FORA plans through the HarmoniCa engine
-(double-stream attn/ff/ff_context and single-stream attn/proj_mlp units reused every n-th step), and diffusers'
+(double-stream attn/ff/ff_context and single-stream attn/proj_mlp units reused every n-th step), the HarmoniCa plans
+learned for digits-flux (`caching/plans/digits-flux-*`, router training at 28 steps), and diffusers'
 `FirstBlockCacheConfig`, `TaylorSeerCacheConfig` and `MagCacheConfig` through `transformer.enable_cache` (MagCache
 calibrated as its docstring says: one `calibrate=True` run, on seeds disjoint from the measured ones). Compute is
 compared as the measured FLOPs of one 28-step generation (`core.flops`, executed ops only) relative to uncached;
 FID/accuracy against the digits test split; PSNR/SSIM image by image against the uncached output of the same seeds.
+The report marks, for paired PSNR against compute, which rows no other row dominates and whether any peer row
+(diffusers' caches) dominates each diffaccel row. Every run gets a run id; the report shows the latest run only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 from diffaccel.caching import apply_cache_plan, remove_cache_plan
-from diffaccel.caching.harmonica import fora_plan, unit_modules
+from diffaccel.caching.harmonica import CachePlan, fora_plan, shipped_plans, unit_modules
 from diffaccel.core import make_generators
 from diffaccel.core.flops import flop_counter
 from diffaccel.evals import evaluate
@@ -55,7 +58,14 @@ def calibrate_magcache(pipe, steps: int, kw: dict) -> list[float]:
     return ast.literal_eval(line.strip())
 
 
-def configs(pipe, steps: int, kw: dict) -> list[tuple[str, callable, callable]]:
+def learned_plans(steps: int, names: list[str] | None) -> dict[str, CachePlan]:
+    """The HarmoniCa plans to compare: the given files/names, else every shipped plan for MODEL at `steps` steps."""
+    if names is None:
+        names = [n for n in shipped_plans() if n.startswith(f"{MODEL}-{steps}-")]
+    return {n: CachePlan.load(n) for n in names}
+
+
+def configs(pipe, steps: int, kw: dict, plans: dict[str, CachePlan]) -> list[tuple[str, callable, callable]]:
     """(name, attach, detach) for every row."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
@@ -64,6 +74,10 @@ def configs(pipe, steps: int, kw: dict) -> list[tuple[str, callable, callable]]:
     for k in (2, 3, 4):
         plan = fora_plan(steps, n_units, k, model=pipe)
         out.append((f"diffaccel FORA n={k}", lambda p=plan: apply_cache_plan(pipe, p),
+                    lambda: remove_cache_plan(pipe)))
+
+    for name, plan in plans.items():
+        out.append((f"diffaccel HarmoniCa {Path(name).stem}", lambda p=plan: apply_cache_plan(pipe, p),
                     lambda: remove_cache_plan(pipe)))
 
     def diffusers_cache(config):
@@ -97,7 +111,8 @@ def run(args: argparse.Namespace) -> None:
     kw = flux_call_kwargs(pipe, 0, None)
     ref = None
     base_flops = None
-    for name, attach, detach in configs(pipe, args.steps, kw):
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    for name, attach, detach in configs(pipe, args.steps, kw, learned_plans(args.steps, args.plans)):
         attach()
         try:
             flops = gflops_per_image(pipe, args.steps, kw)
@@ -111,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         if ref is None:
             ref, base_flops = res, flops
         p = res.paired.as_dict() if res.paired is not None else {}
-        row = {"model": MODEL, "config": name, "steps": args.steps, "gflops_per_image": flops,
+        row = {"run": run_id, "model": MODEL, "config": name, "steps": args.steps, "gflops_per_image": flops,
                "compute_fraction": flops / base_flops, "fid": res.fid, "class_accuracy": res.class_accuracy,
                "psnr": p.get("psnr"), "ssim": p.get("ssim"), "seconds_per_image": res.seconds_per_image,
                "num_images": args.num_images, "seed": args.seed, "machine": machine(), "command": args.command}
@@ -127,21 +142,43 @@ def report(args: argparse.Namespace) -> str:
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     if not rows:
         return "no rows yet\n"
-    latest = {r["config"]: r for r in rows}
     r0 = rows[-1]
+    latest = {r["config"]: r for r in rows if r.get("run") == r0.get("run")}
+    front = pareto_marks(list(latest.values()))
     out = [f"### {MODEL}: caches at matched compute ({r0['steps']} FlowMatch-Euler steps, {r0['num_images']} images "
            "per row, paired metrics vs the uncached images of the same seeds)\n",
            f"Command: `{r0['command']}`; machine: {r0['machine']}.\n",
-           "| configuration | compute (FLOPs vs uncached) | skipped | FID | accuracy | PSNR (dB) | SSIM |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "| configuration | compute (FLOPs vs uncached) | skipped | FID | accuracy | PSNR (dB) | SSIM | PSNR vs "
+           "compute |",
+           "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(latest.values(), key=lambda r: -r["compute_fraction"]):
         psnr = "—" if r["psnr"] is None else f"{r['psnr']:.1f}"
         ssim = "—" if r["ssim"] is None else f"{r['ssim']:.3f}"
         out.append(f"| {r['config']} | {r['compute_fraction']:.3f} | {1 - r['compute_fraction']:.1%} | "
-                   f"{r['fid']:.2f} | {r['class_accuracy']:.1%} | {psnr} | {ssim} |")
+                   f"{r['fid']:.2f} | {r['class_accuracy']:.1%} | {psnr} | {ssim} | {front[r['config']]} |")
     text = "\n".join(out) + "\n"
     (args.results / "flux_caches.md").write_text(text)
     return text
+
+
+def pareto_marks(rows: list[dict]) -> dict[str, str]:
+    """Per row: "front" when no other cached row has at most its compute and at least its PSNR (one strictly),
+    else the rows dominating it; diffaccel rows also say whether a peer (diffusers) row dominates them."""
+    cached = [r for r in rows if r["psnr"] is not None]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return (a["compute_fraction"] <= b["compute_fraction"] and a["psnr"] >= b["psnr"]
+                and (a["compute_fraction"] < b["compute_fraction"] or a["psnr"] > b["psnr"]))
+
+    out = {r["config"]: "reference" for r in rows if r["psnr"] is None}
+    for r in cached:
+        by = [o["config"] for o in cached if o is not r and dominates(o, r)]
+        mark = "front" if not by else "dominated by " + ", ".join(by)
+        if r["config"].startswith("diffaccel"):
+            peers = [b for b in by if b.startswith("diffusers")]
+            mark += "; no peer dominates it" if not peers else ""
+        out[r["config"]] = mark
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plans", nargs="*", default=None,
+                   help="learned plan files or shipped names (default: every shipped digits-flux plan at --steps)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
