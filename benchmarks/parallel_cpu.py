@@ -50,6 +50,39 @@ def to_markdown(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def cost_model_check(results: list[dict]) -> str:
+    """`parallel.cost_model`'s per-rank bytes for the same model and size next to the measured sync call.
+
+    The cost model measures a workload on the meta device at bf16 (2 bytes); the runs here are fp32, so its K/V and
+    halo bytes are doubled (GroupNorm statistics are fp32 in both). It counts what an interior rank sends (halo rows
+    both ways for every k>1 conv), so it is an upper bound for the edge ranks of a UNet and does not count the
+    output gather."""
+    from diffaccel.parallel import cost_model
+    from diffaccel.parallel.parallelize import find_denoiser
+    from diffaccel.zoo import load
+
+    lines = ["| model | N | K/V per rank: cost model / measured | halo: model / measured max rank "
+             "| GN stats: model / measured max rank |", "|---|---|---|---|---|"]
+    for res in results:
+        if res["setup"] not in ("random-flux", "random-sdxl") or "error" in res["modes"].get("sync", {"error": 1}):
+            continue
+        cfg = {k: v for k, v in dict(find_denoiser(load(res["setup"])).config).items() if not k.startswith("_")}
+        shape = res["sample_shape"]
+        if res["setup"] == "random-flux":  # flux_dev_workload takes pixels at VAE factor 8: 16 px per token
+            side = int(round(shape[1] ** 0.5))
+            work = cost_model.flux_dev_workload(16 * side, 16 * side, text_tokens=res["text_tokens"], config=cfg)
+        else:
+            work = cost_model.sdxl_unet_workload(8 * shape[2], 8 * shape[3], batch=shape[0], config=cfg)
+        n = res["world"]
+        per_rank = res["modes"]["sync"]["bytes_per_call_by_kind_per_rank"]
+        kv_model = 2 * work.kv_bytes * (n - 1) / n
+        meas = {k: max(r[k] for r in per_rank) for k in ("attn_kv", "conv_halo", "gn_stats")}
+        lines.append(f"| {res['setup']} | {n} | {fmt_bytes(kv_model)} / {fmt_bytes(meas['attn_kv'])} "
+                     f"| {fmt_bytes(2 * work.halo_bytes)} / {fmt_bytes(meas['conv_halo'])} "
+                     f"| {fmt_bytes(work.norm_bytes)} / {fmt_bytes(meas['gn_stats'])} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
@@ -76,6 +109,8 @@ def main() -> int:
     meta = {"machine": f"{platform.machine()} CPU, {platform.processor() or 'unknown'}", "results": results}
     args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
     md = to_markdown(results, args)
+    if any(r["setup"] in ("random-flux", "random-sdxl") for r in results):
+        md += "\n\nCost model (parallel/cost_model.py) vs measured bytes, sync calls:\n\n" + cost_model_check(results)
     print(md)
     return 0
 

@@ -24,6 +24,14 @@ SETUPS = {
     "random-dit": ("random-dit", dict(class_labels=[3], guidance_scale=4.0, output_type="pt")),
     "digits-sd": ("digits-sd", dict(prompt=["a handwritten digit three"], guidance_scale=5.0,
                                     output_type="latent")),
+    # the modern families at 64x64 pixels: VAE factor 2, so Flux has 16x16 packed tokens, SD3 16x16 patch tokens
+    # (batch 2: CFG) and the SDXL UNet a 32x32 latent (batch 2: CFG)
+    "random-flux": ("random-flux", dict(prompt=["a handwritten digit 3"], height=64, width=64,
+                                        output_type="latent")),
+    "random-sd3": ("random-sd3", dict(prompt=["a handwritten digit 3"], height=64, width=64, guidance_scale=4.0,
+                                      output_type="latent")),
+    "random-sdxl": ("random-sdxl", dict(prompt=["a handwritten digit 3"], height=64, width=64,
+                                        guidance_scale=5.0, output_type="latent")),
 }
 
 
@@ -67,8 +75,11 @@ def bench_model(rank: int, world: int, setup: str, steps: int, warmup: int, frac
     pipe.set_progress_bar_config(disable=True)
     model = find_denoiser(pipe).eval()
     calls = record_calls(pipe, kwargs, steps)
-    latent_hw = tuple((calls[0][0][0] if calls[0][0] else calls[0][1]["sample"]).shape[2:])
+    first = calls[0][0][0] if calls[0][0] else calls[0][1].get("sample", calls[0][1].get("hidden_states"))
+    latent_hw = tuple(first.shape[2:]) if first.ndim == 4 else (f"{first.shape[1]} tokens",)
+    text = calls[0][1].get("encoder_hidden_states")
     rows: dict[str, Any] = {"setup": setup, "world": world, "latent_hw": latent_hw, "calls": len(calls),
+                            "sample_shape": tuple(first.shape), "text_tokens": None if text is None else text.shape[1],
                             "warmup_steps": warmup, "pcpp_fraction": fraction, "modes": {}}
     for mode in ("sync", "displaced", "pcpp", "naive"):
         cfg = PatchParallelConfig(mode=mode, warmup_steps=warmup, pcpp_fraction=fraction, timeout_s=120)
@@ -90,7 +101,8 @@ def bench_model(rank: int, world: int, setup: str, steps: int, warmup: int, frac
         row: dict[str, Any] = {"max_rel_err_per_call": max(after), "median_rel_err_per_call": statistics.median(after),
                                "bytes_per_call_by_kind_all_ranks": {k: sum(r[k] for r in per_rank)
                                                                      for k in per_rank[0]},
-                               "bytes_per_call_max_rank": max(sum(r.values()) for r in per_rank)}
+                               "bytes_per_call_max_rank": max(sum(r.values()) for r in per_rank),
+                               "bytes_per_call_by_kind_per_rank": per_rank}
         handle.remove()
         if mode in ("displaced", "pcpp"):  # overlap: async vs compute-only vs fully blocking transfers
             timing = {}

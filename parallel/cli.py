@@ -20,7 +20,8 @@ from .config import GN_MODES, MODES, PatchParallelConfig, PatchParallelError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="random-sd", help="zoo pipeline (SD-style, DiT or PixArt; default random-sd)")
+    p.add_argument("--model", default="random-sd",
+                   help="zoo pipeline (SD 1.x, SDXL, SD3, Flux, DiT or PixArt; default random-sd)")
     p.add_argument("--mode", default="displaced", choices=[*MODES, "distrifusion"], help="default displaced")
     p.add_argument("--warmup-steps", type=int_in(0, MAX_STEPS), default=4,
                    help="synchronous model calls after call 0 (default 4)")

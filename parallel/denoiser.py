@@ -24,10 +24,25 @@ class FamilyAdapter:
     """What differs between model families. Subclasses: `UNetAdapter`, `DiTAdapter`, `PixArtAdapter`."""
 
     sample_arg = "sample"
+    timestep_pos = 1  # position of `timestep` among the forward's positional arguments
     gathers_inside = False  # True when a layer hook (not the exit) assembles the full output
+    cfg_batched = True  # the pipeline batches classifier-free guidance as [uncond; cond] (cfg_parallel applies)
+    out_dim = 2  # the output's band dimension (rows of a 4-D latent; 1 for a token sequence)
+    refused_kwargs: tuple[str, ...] = ("down_block_additional_residuals", "mid_block_additional_residual",
+                                       "down_intrablock_additional_residuals")  # ControlNet / adapter residuals
 
     def check_model(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+    def grid(self, sample: torch.Tensor, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """(rows, columns) of the full image that the bands split: the 4-D latent's height and width by default."""
+        if sample.ndim != 4:
+            raise PatchParallelError(f"expected a 4-D latent as `{self.sample_arg}`, got shape {tuple(sample.shape)}")
+        return sample.shape[2], sample.shape[3]
+
+    def enter_arguments(self, args: tuple, kwargs: dict, state: PatchState) -> tuple[tuple, dict]:
+        """Other forward arguments that follow the band (Flux's image position ids); unchanged by default."""
+        return args, kwargs
 
     def check_latent(self, model: nn.Module, n: int, height: int, width: int) -> None:
         raise NotImplementedError
@@ -104,22 +119,22 @@ class DenoiserHook(ModelHook):
         st, ad = self.state, self.adapter
         name = ad.sample_arg
         sample = args[0] if args else kwargs.get(name)
-        if not torch.is_tensor(sample) or sample.ndim != 4:
-            raise PatchParallelError(f"expected a 4-D latent as `{name}`, got {type(sample).__name__}")
-        timestep = get_argument(args, kwargs, "timestep", 1)
+        if not torch.is_tensor(sample):
+            raise PatchParallelError(f"expected a tensor as `{name}`, got {type(sample).__name__}")
+        timestep = get_argument(args, kwargs, "timestep", ad.timestep_pos)
         if timestep is not None:
             generations = self.tracker.generations
             self.tracker.observe(timestep, input_signature(sample))
             if self.tracker.generations != generations:
                 self._new_generation()
-        for key in ("down_block_additional_residuals", "mid_block_additional_residual",
-                    "down_intrablock_additional_residuals"):
+        for key in ad.refused_kwargs:
             if kwargs.get(key) is not None:
                 raise PatchParallelError(f"`{key}` (ControlNet / adapters) is not supported by patch parallelism")
         st.begin_call()
         comm = st.comm
+        grid = ad.grid(sample, args, kwargs)
         if st.call_index == 0:
-            ad.check_latent(module, st.n, sample.shape[2], sample.shape[3])
+            ad.check_latent(module, st.n, *grid)
             if st.config.check_inputs:
                 self._check_same_input(sample)
         if comm.branches > 1:
@@ -129,8 +144,9 @@ class DenoiserHook(ModelHook):
             args = split_cfg(args, full, comm.branch)
             kwargs = split_cfg(kwargs, full, comm.branch)
             sample = args[0] if args else kwargs[name]
-        st.full_hw = (sample.shape[2], sample.shape[3])
+        st.full_hw = grid
         band = ad.enter(sample, st)
+        args, kwargs = ad.enter_arguments(args, kwargs, st)
         if args:
             args = (band, *args[1:])
         else:
@@ -139,7 +155,7 @@ class DenoiserHook(ModelHook):
         if ad.gathers_inside and st.n > 1:  # layer hooks are only installed with more than one band
             return out
         y = out[0] if isinstance(out, tuple) else out.sample
-        full = gather_bands(st, y, dim=2)
+        full = gather_bands(st, y, dim=ad.out_dim)
         if isinstance(out, tuple):
             return (full, *out[1:])
         return type(out)(sample=full)

@@ -20,6 +20,7 @@ from .comm import ByteMeter, Communicator
 from .config import PatchParallelConfig, PatchParallelError
 from .denoiser import HOOK_NAME, DenoiserHook, FamilyAdapter
 from .dit import DiTAdapter, PixArtAdapter
+from .mmdit import FluxAdapter, SD3Adapter
 from .state import PatchState
 from .unet import UNetAdapter
 
@@ -27,6 +28,8 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     "UNet2DConditionModel": UNetAdapter,
     "DiTTransformer2DModel": DiTAdapter,
     "PixArtTransformer2DModel": PixArtAdapter,
+    "SD3Transformer2DModel": SD3Adapter,
+    "FluxTransformer2DModel": FluxAdapter,
 }
 _ATTR = "_diffaccel_patch_parallel"
 
@@ -44,6 +47,18 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
     if cls not in ADAPTERS:
         raise PatchParallelError(f"unsupported model {cls}; patch parallelism supports {', '.join(ADAPTERS)}")
     return ADAPTERS[cls]()
+
+
+def check_support(pipe_or_model: Any, config: PatchParallelConfig) -> FamilyAdapter:
+    """The adapter for the pipeline's denoiser, or `PatchParallelError` saying why it cannot be split (an unknown
+    model class or layer, or cfg_parallel on a pipeline that does not batch guidance). Needs no process group."""
+    model = find_denoiser(pipe_or_model)
+    adapter = adapter_for(model)
+    adapter.check_model(model)
+    if config.cfg_parallel and not adapter.cfg_batched:
+        raise PatchParallelError(f"cfg_parallel splits a [uncond; cond] batch, but {type(model).__name__}'s "
+                                 "pipeline runs its guidance branches as separate calls")
+    return adapter
 
 
 def _weights_probe(model: nn.Module) -> float:
@@ -136,7 +151,7 @@ def parallelize(pipe_or_model: Any, config: PatchParallelConfig | None = None) -
     adapter = adapter_for(model)
     problem = None
     try:
-        adapter.check_model(model)
+        check_support(model, config)
     except PatchParallelError as exc:
         problem = str(exc)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -23,6 +23,7 @@ class PatchState:
         self.meter = comm.meter if comm is not None else ByteMeter(False)
         self.call_index = -1
         self.full_hw: tuple[int, int] | None = None  # latent height, width of the whole image
+        self.text_tokens = 0  # text tokens in front of the image tokens (MMDiT single-stream blocks)
         self.buffers: dict[str, Any] = {}  # stale data received for the next call, per layer
         self.pending: dict[str, Pending] = {}  # in-flight displaced transfers, per layer
 

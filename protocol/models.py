@@ -87,6 +87,17 @@ class PatchParallel(Method, name="patch-parallel", aliases=("pp",), slot="parall
                     "the rows (use patch-parallel:sync with FK)")
         return None
 
+    def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        """The denoiser must be one patch parallelism has rules for (every layer type known), and cfg_parallel
+        needs a pipeline that batches guidance; checked without a process group, before anything changes."""
+        from ..parallel import PatchParallelError
+        from ..parallel.parallelize import check_support
+
+        try:
+            check_support(pipe, self.config())
+        except PatchParallelError as exc:
+            raise CompositionError(f"{self}: {exc}") from exc
+
     def apply(self, pipe: Any, ctx: ApplyContext) -> None:
         from ..parallel import parallelize
 

@@ -8,6 +8,8 @@ several scenarios in one process group so the test suite pays the process start-
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 import os
 import time
@@ -511,4 +513,201 @@ def scenario_layers(rank: int, world: int) -> dict[str, Any]:
             attn.set_processor(PatchAttnProcessor(state, "attn", 2, attn.processor))
             y = attn(x[:, rank * h * W:(rank + 1) * h * W])
         out[f"attention_qk_norm_{qk_norm}"] = rel_err(full(state, y, dim=1), ref)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- MMDiT and SDXL
+# zoo pipelines at tiny sizes: random-flux / random-sd3 have a VAE factor 2, so height 32 gives 8 token rows
+# (Flux packs 2x2 latent patches, SD3 uses patch 2); random-sdxl's UNet down-samples once: 16 latent rows.
+ZOO_RUNS = {"flux": ("random-flux", dict(prompt="a digit", height=32, width=24)),
+            "sd3": ("random-sd3", dict(prompt="a digit", height=32, width=24, guidance_scale=4.0)),
+            "sdxl": ("random-sdxl", dict(prompt="a digit", height=32, width=24, guidance_scale=4.0))}
+_PIPES: dict[str, Any] = {}
+
+
+def zoo_pipe(fam: str, dtype: torch.dtype = torch.float32):
+    from diffaccel import zoo
+
+    key = (fam, dtype)
+    if key not in _PIPES:
+        pipe = zoo.load(ZOO_RUNS[fam][0]).to(dtype)
+        pipe.set_progress_bar_config(disable=True)
+        find_denoiser(pipe).eval()
+        _PIPES[key] = pipe
+    return _PIPES[key]
+
+
+def run_zoo(fam: str, pipe, steps: int = 2, **extra) -> torch.Tensor:
+    kw = {**ZOO_RUNS[fam][1], **extra}
+    return pipe(**kw, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def captured_call(fam: str, pipe) -> dict[str, Any]:
+    """The keyword arguments of the pipeline's first denoiser call (its real inputs, detached copies)."""
+    model = find_denoiser(pipe)
+    got: dict[str, Any] = {}
+
+    names = list(inspect.signature(model.forward).parameters)
+
+    def grab(mod, args, kwargs):
+        if not got:
+            got.update({k: v.clone() if torch.is_tensor(v) else v
+                        for k, v in {**dict(zip(names, args, strict=False)), **kwargs}.items()})
+
+    hook = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run_zoo(fam, pipe, steps=1)
+    finally:
+        hook.remove()
+    got.pop("return_dict", None)
+    return got
+
+
+def band_sizes(fam: str, model: nn.Module, kwargs: dict[str, Any]) -> list[int]:
+    """Image tokens (transformers) or feature-map rows (UNet) that every block of one call receives."""
+    seen: list[int] = []
+    if fam == "sdxl":
+        mods = [m for n, m in model.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+
+        def pre(mod, args, kw):
+            seen.append(args[0].shape[2])
+    else:
+        mods = list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", []))
+
+        def pre(mod, args, kw):
+            seen.append((kw.get("hidden_states", args[0] if args else None)).shape[1])
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
+    try:
+        call(model, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@scenario
+def scenario_zoo_sync(rank: int, world: int) -> dict[str, Any]:
+    """random-flux / random-sd3 / random-sdxl: one denoiser call (fp32) and a 2-step pipeline run (fp64) in sync
+    mode vs the single process; what each rank's blocks see is its band (1/world of the tokens / rows)."""
+    out: dict[str, Any] = {}
+    for fam in ZOO_RUNS:
+        pipe = zoo_pipe(fam)
+        model = find_denoiser(pipe)
+        kwargs = captured_call(fam, pipe)
+        ref = call(model, kwargs)
+        full_sizes = band_sizes(fam, model, kwargs)
+        h = parallelize(pipe, PatchParallelConfig(mode="sync", timeout_s=60))
+        h.reset()
+        out[f"{fam}_fp32"] = rel_err(call(model, kwargs), ref)
+        out[f"{fam}_bands"] = (band_sizes(fam, model, kwargs), full_sizes)
+        h.remove()
+        pipe64 = zoo_pipe(fam, torch.float64)
+        ref = run_zoo(fam, pipe64)
+        h = parallelize(pipe64, PatchParallelConfig(mode="sync", timeout_s=60))
+        got = run_zoo(fam, pipe64)
+        out[f"{fam}_loop_fp64"] = rel_err(got, ref)
+        out[f"{fam}_sha"] = hashlib.sha256(got.numpy().tobytes()).hexdigest()
+        if fam != "flux":  # SD3 / SDXL batch CFG: the two halves on two rank groups
+            h.remove()
+            h = parallelize(pipe64, PatchParallelConfig(mode="sync", cfg_parallel=True, timeout_s=60))
+            out[f"{fam}_loop_fp64_cfg"] = rel_err(run_zoo(fam, pipe64), ref)
+        h.remove()
+    return out
+
+
+@scenario
+def scenario_zoo_errors(rank: int, world: int) -> dict[str, Any]:
+    """Heights that do not split into whole bands are refused with the reason on every rank; the pipeline works
+    afterwards; Flux refuses cfg_parallel (its pipeline does not batch guidance)."""
+    out: dict[str, Any] = {}
+    for fam in ZOO_RUNS:
+        pipe = zoo_pipe(fam)
+        h = parallelize(pipe, PatchParallelConfig(mode="sync", timeout_s=30))
+        if fam == "sdxl":  # the pipeline itself keeps latent heights a multiple of 4: call the UNet directly with
+            # 2 * (world + 1) latent rows, even (one down-sampling) but not a multiple of 2 * world
+            kwargs = captured_call(fam, pipe)
+            kwargs["sample"] = kwargs["sample"][:, :, :2 * (world + 1)]
+            out[f"{fam}_uneven"] = _error_of(lambda pipe=pipe, kwargs=kwargs: call(find_denoiser(pipe), kwargs))
+        else:  # 4 * (2 * world + 1) pixels: an odd number of token rows
+            out[f"{fam}_uneven"] = _error_of(lambda pipe=pipe, fam=fam: run_zoo(fam, pipe, steps=1,
+                                                                                  height=4 * (2 * world + 1)))
+        h.reset()
+        out[f"{fam}_after"] = tuple(run_zoo(fam, pipe, steps=1).shape)
+        h.remove()
+    out["flux_cfg_parallel"] = _error_of(lambda: parallelize(zoo_pipe("flux"), PatchParallelConfig(
+        mode="sync", cfg_parallel=True, timeout_s=30)))
+    return out
+
+
+def mmdit_expected_bytes(model: nn.Module, kwargs: dict[str, Any], n: int, r: int, mode: str, phase: str,
+                         f: float, elt: int) -> dict[str, int]:
+    """Spec section 10 closed forms for an MMDiT: image K/V only (text K/V never travel), per attention layer;
+    output gather of the rank's tokens. `grid` = (token rows, token columns) of the whole image."""
+    x = kwargs["hidden_states"]
+    B = x.shape[0]
+    if x.ndim == 4:  # SD3: patch tokens of the latent
+        p = model.config.patch_size
+        rows, cols = x.shape[2] // p, x.shape[3] // p
+        out_band = x.shape[1] * (x.shape[2] // n) * x.shape[3]
+    else:  # Flux: packed tokens
+        cols = int((kwargs["img_ids"][:, 1] == 0).sum())
+        rows = x.shape[1] // cols
+        out_band = (rows // n) * cols * model.out_channels
+    attns = [m for m in model.modules() if type(m).__name__ in ("Attention", "FluxAttention")]
+    exp = dict.fromkeys(("attn_kv", "conv_halo", "gn_stats", "output"), 0)
+    for m in attns:
+        C = m.to_k.out_features
+        if phase == "sync" or mode == "displaced":
+            exp["attn_kv"] += (n - 1) * 2 * C * (rows // n) * cols * B * elt
+        elif mode == "pcpp":
+            exp["attn_kv"] += ((r > 0) + (r < n - 1)) * pcpp_rows(f, rows // n) * cols * 2 * C * B * elt
+    exp["output"] = (n - 1) * B * out_band * elt
+    return exp
+
+
+@scenario
+def scenario_mmdit_displaced(rank: int, world: int) -> dict[str, Any]:
+    """Flux and SD3, fp32 unless said: displaced fixed point (same input every call equals sync), bytes per kind
+    vs closed forms for every mode, and (Flux, fp64) the first-order error of a displaced call."""
+    out: dict[str, Any] = {}
+    f = 0.5
+    for fam in ("flux", "sd3"):
+        pipe = zoo_pipe(fam)
+        model = find_denoiser(pipe)
+        kwargs = captured_call(fam, pipe)
+        ref = call(model, kwargs)
+        h = parallelize(model, PatchParallelConfig(mode="displaced", warmup_steps=1, timeout_s=60))
+        h.reset()
+        errs = [rel_err(call(model, kwargs), ref) for _ in range(4)]
+        h.remove()
+        out[f"{fam}_fixed_point"] = max(errs[2:])
+        for mode in ("sync", "displaced", "pcpp", "naive"):
+            h = parallelize(model, PatchParallelConfig(mode=mode, warmup_steps=0, pcpp_fraction=f, timeout_s=60))
+            h.reset()
+            call(model, kwargs)
+            y = call(model, kwargs)
+            per_call = h.meter.per_call()
+            h.remove()
+            if mode != "sync":
+                out[f"{fam}_{mode}_vs_fresh"] = rel_err(y, ref)
+            for i, phase in ((0, "sync"), (1, "sync" if mode == "sync" else "displaced")):
+                got = {k: v for k, v in per_call[i].items() if k != "other"}
+                out[f"{fam}_{mode}_bytes{i}"] = (got, mmdit_expected_bytes(model, kwargs, world, rank, mode, phase,
+                                                                           f, 4))
+    model = find_denoiser(zoo_pipe("flux", torch.float64))
+    kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in captured_call("flux", zoo_pipe("flux")).items()}
+    x = kwargs["hidden_states"]
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    deltas = (1e-2, 1e-3, 1e-4)
+    refs = [call(model, with_sample(kwargs, "hidden_states", x + delta * d)) for delta in deltas]
+    h = parallelize(model, PatchParallelConfig(mode="displaced", warmup_steps=0, timeout_s=60))
+    errs = []
+    for delta, r in zip(deltas, refs, strict=True):
+        h.reset()
+        call(model, kwargs)
+        errs.append(float((call(model, with_sample(kwargs, "hidden_states", x + delta * d)) - r).abs().max()))
+    h.remove()
+    out["flux_first_order"] = errs
     return out

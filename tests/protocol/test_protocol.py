@@ -135,6 +135,18 @@ def test_refusal_of_a_family_mismatch():
         accelerate(fresh("digits-dit"), OneStep())
 
 
+def test_patch_parallel_check_knows_which_denoisers_it_can_split():
+    from diffaccel.protocol import check
+
+    for name in ("random-flux", "random-sd3", "random-sdxl"):
+        check(load(name), PatchParallel("displaced"))  # accepted: every layer has a band rule
+    check(load("random-sd3"), PatchParallel("sync", cfg_parallel=True))
+    with pytest.raises(CompositionError, match="unsupported model UNet2DModel"):
+        check(load("random-ddpm"), PatchParallel("sync"))
+    with pytest.raises(CompositionError, match="runs its guidance branches as separate calls"):
+        check(load("random-flux"), PatchParallel("sync", cfg_parallel=True))
+
+
 @pytest.mark.parametrize("methods", [
     (Sampler("s-pndm", 10),),
     (Sampler("ddim", 25, grid="model"), TimeShift(window=20, cutoff=200)),
