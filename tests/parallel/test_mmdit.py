@@ -51,3 +51,14 @@ def test_displaced_fixed_point_bytes_and_first_order(run_suite):
         assert errs[-1] > 0
         for big, small in zip(errs, errs[1:], strict=False):
             assert 7 < big / small < 13, errs
+
+
+def test_silent_rank_is_named_in_displaced_flux():
+    """Rank 1 stops answering after a displaced Flux call: rank 0 times out (timeout_s = 4) naming it."""
+    from distributed import run_distributed
+    from workers import suite
+
+    r = run_distributed(suite, 2, ["hung_rank_flux"], timeout_s=150, allow_missing=True, allow_errors=True,
+                        ranks_needed=[0])[0]["hung_rank_flux"]
+    assert r["error"].startswith("CommunicationError") and "rank 1 (process alive but unresponsive)" in r["error"]
+    assert 4 <= r["seconds"] < 4 + 10  # timeout plus the roll-call grace (slack for a loaded machine)

@@ -441,9 +441,19 @@ def scenario_dead_rank(rank: int, world: int) -> dict[str, Any]:
 @scenario
 def scenario_hung_rank(rank: int, world: int) -> dict[str, Any]:
     """The last rank stops answering (sleeps); the others must time out within timeout_s naming it."""
-    model = tiny_unet()
-    inputs = unet_inputs(batch=1)
-    h = parallelize(model, PatchParallelConfig(mode="sync", timeout_s=4))
+    return _hang_last_rank(rank, world, tiny_unet(), unet_inputs(batch=1))
+
+
+@scenario
+def scenario_hung_rank_flux(rank: int, world: int) -> dict[str, Any]:
+    """As `hung_rank`, in displaced mode on random-flux's joint attention (its image K/V exchange)."""
+    pipe = zoo_pipe("flux")
+    return _hang_last_rank(rank, world, find_denoiser(pipe), captured_call("flux", pipe), mode="displaced")
+
+
+def _hang_last_rank(rank: int, world: int, model: nn.Module, inputs: dict[str, Any],
+                    mode: str = "sync") -> dict[str, Any]:
+    h = parallelize(model, PatchParallelConfig(mode=mode, warmup_steps=0, timeout_s=4))
     h.reset()
     call(model, inputs)
     if rank == world - 1:
@@ -588,8 +598,11 @@ def band_sizes(fam: str, model: nn.Module, kwargs: dict[str, Any]) -> list[int]:
 
 @scenario
 def scenario_zoo_sync(rank: int, world: int) -> dict[str, Any]:
-    """random-flux / random-sd3 / random-sdxl: one denoiser call (fp32) and a 2-step pipeline run (fp64) in sync
+    """random-flux / random-sd3 / random-sdxl: one denoiser call (fp32) and a 2-step pipeline run (fp64, applied
+    through `diffaccel.accelerate(pipe, "pp:sync")`) in sync
     mode vs the single process; what each rank's blocks see is its band (1/world of the tokens / rows)."""
+    from diffaccel import accelerate
+
     out: dict[str, Any] = {}
     for fam in ZOO_RUNS:
         pipe = zoo_pipe(fam)
@@ -604,15 +617,15 @@ def scenario_zoo_sync(rank: int, world: int) -> dict[str, Any]:
         h.remove()
         pipe64 = zoo_pipe(fam, torch.float64)
         ref = run_zoo(fam, pipe64)
-        h = parallelize(pipe64, PatchParallelConfig(mode="sync", timeout_s=60))
+        acc = accelerate(pipe64, "pp:sync:timeout=60")  # through the protocol, as users apply it
         got = run_zoo(fam, pipe64)
         out[f"{fam}_loop_fp64"] = rel_err(got, ref)
         out[f"{fam}_sha"] = hashlib.sha256(got.numpy().tobytes()).hexdigest()
+        acc.remove()
         if fam != "flux":  # SD3 / SDXL batch CFG: the two halves on two rank groups
-            h.remove()
-            h = parallelize(pipe64, PatchParallelConfig(mode="sync", cfg_parallel=True, timeout_s=60))
+            acc = accelerate(pipe64, "pp:sync:cfg:timeout=60")
             out[f"{fam}_loop_fp64_cfg"] = rel_err(run_zoo(fam, pipe64), ref)
-        h.remove()
+            acc.remove()
     return out
 
 
