@@ -1,7 +1,7 @@
 """Patch parallelism on the modern families: Flux (double- and single-stream blocks), SD3 (joint blocks) and the
 SDXL UNet, on the zoo's tiny random pipelines over two real gloo ranks."""
 
-SCENARIOS = ("zoo_sync", "zoo_errors", "mmdit_displaced")
+SCENARIOS = ("zoo_sync", "zoo_errors", "mmdit_displaced", "sd35_sync")
 FAMILIES = ("flux", "sd3", "sdxl")
 
 
@@ -22,6 +22,12 @@ def test_sync_equals_single_process(run_suite):
     for key in results[0]:  # every rank ends with bit-identical latents
         if key.endswith("_sha"):
             assert results[0][key] == results[1][key], key
+
+
+def test_sd35_blocks_sync_equals_single_process(run_suite):
+    for r in (res["sd35_sync"] for res in run_suite(2, *SCENARIOS)):
+        assert r["attn2_layers"] == 1
+        assert r["fp32"] <= 1e-5  # same reduction-order argument as above
 
 
 def test_uneven_heights_refused_with_reason(run_suite):

@@ -630,6 +630,29 @@ def scenario_zoo_sync(rank: int, world: int) -> dict[str, Any]:
 
 
 @scenario
+def scenario_sd35_sync(rank: int, world: int) -> dict[str, float]:
+    """SD3.5-style blocks (a second, image-only self-attention `attn2` and RMS q/k norms) from a tiny config:
+    one sync call in fp32 vs the single process."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                  pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16,
+                                  dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(2, 4, 16, 12, generator=g), "timestep": torch.tensor([500, 500]),
+              "encoder_hidden_states": torch.randn(2, 5, 32, generator=g),
+              "pooled_projections": torch.randn(2, 32, generator=g)}
+    ref = call(model, inputs)
+    h = parallelize(model, PatchParallelConfig(mode="sync", timeout_s=60))
+    h.reset()
+    got = call(model, inputs)
+    h.remove()
+    return {"fp32": rel_err(got, ref), "attn2_layers": sum(1 for b in model.transformer_blocks if b.attn2 is not None)}
+
+
+@scenario
 def scenario_zoo_errors(rank: int, world: int) -> dict[str, Any]:
     """Heights that do not split into whole bands are refused with the reason on every rank; the pipeline works
     afterwards; Flux refuses cfg_parallel (its pipeline does not batch guidance)."""
