@@ -39,6 +39,7 @@ from torch import nn
 
 from ..core.families import find_denoiser
 from ..core.hooks import (
+    SharedStateHook,
     StatefulHook,
     StepTracker,
     TimestepsCallback,
@@ -310,6 +311,10 @@ class _State:
             raise ValueError(f"the branch reuse plan has {self.plan.num_steps} steps but the scheduler runs {steps}; "
                              "make a plan for this step count (or apply with strict_steps=False)")
 
+    def clear(self) -> None:
+        self.tracker.reset()
+        self.cache.clear()
+
     def begin_call(self, new_step: bool) -> None:
         """Pick this call's plan row; a second call at the same step (unbatched CFG) gets its own cache slot."""
         s = self.tracker.step
@@ -318,17 +323,10 @@ class _State:
         self.counters.calls += 1
 
 
-class _StepHook(StatefulHook):
+class _StepHook(SharedStateHook):
     """On the UNet: advances the step from its timestep and picks the plan row for this call."""
 
-    def __init__(self, state: _State) -> None:
-        super().__init__()
-        self.state = state
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state.tracker.reset()
-        self.state.cache.clear()
-        return module
+    state: _State
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         sample = get_argument(args, kwargs, "sample", 0)

@@ -35,7 +35,7 @@ import torch
 
 from ..core.errors import InputError
 from ..core.hooks import (
-    StatefulHook,
+    SharedStateHook,
     StepTracker,
     TimestepsCallback,
     find_denoiser,
@@ -236,16 +236,10 @@ def _conditioning(args: tuple, kwargs: dict) -> list[Any]:
     return tree_leaves((positional, sorted(rest.items(), key=lambda kv: kv[0])))
 
 
-class _DenoiserHook(StatefulHook):
+class _DenoiserHook(SharedStateHook):
     """The denoiser hook: step tracking, key-step decision, parallel look-ahead with a stash (spec §2.2, §2.4)."""
 
-    def __init__(self, state: _EPState) -> None:
-        super().__init__()
-        self.state = state
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.clear()
-        return module
+    state: _EPState
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         st = self.state
@@ -339,18 +333,15 @@ class _DenoiserHook(StatefulHook):
         return call_kwargs
 
 
-class _EncoderHook(StatefulHook):
+class _EncoderHook(SharedStateHook):
     """The encoder hook on `conv_in`, each down block and the mid block (and the first `propagate_up_blocks` up
     blocks): run + store at key steps, return a copy of the stored output at non-key steps, tiled in replay mode."""
 
-    def __init__(self, state: _EPState, name: str) -> None:
-        super().__init__()
-        self.state = state
-        self.name = name
+    state: _EPState
 
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.clear()
-        return module
+    def __init__(self, state: _EPState, name: str) -> None:
+        super().__init__(state)
+        self.name = name
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         st = self.state
@@ -369,20 +360,20 @@ class _EncoderHook(StatefulHook):
         return tree_map(torch.clone, cached) if st.config.clone_on_reuse else cached
 
 
-class _ControlNetHook(StatefulHook):
+class _ControlNetHook(SharedStateHook):
     """The ControlNet hook: a ControlNet's residuals are computed at key steps and reused at the others."""
 
+    state: _EPState
+
     def __init__(self, state: _EPState, name: str) -> None:
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.name = name
         self._step_key: tuple[int, int] | None = None
         self._slot = 0
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.clear()
         self._step_key, self._slot = None, 0
-        return module
+        return super().reset_state(module)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         st = self.state

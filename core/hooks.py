@@ -258,6 +258,19 @@ class StatefulHook(ModelHook):
         return call_kwargs
 
 
+class SharedStateHook(StatefulHook):
+    """A hook that is one of several on a model sharing one state object (its `clear()` resets a generation):
+    resetting any of them clears the shared state."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self.state = state
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.clear()
+        return module
+
+
 def has_hook(module: torch.nn.Module, name: str) -> bool:
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(name) is not None

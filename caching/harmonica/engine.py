@@ -23,7 +23,7 @@ from torch import nn
 from ...core.errors import InputError
 from ...core.families import find_denoiser
 from ...core.hooks import (
-    StatefulHook,
+    SharedStateHook,
     StepTracker,
     get_argument,
     get_hook,
@@ -131,17 +131,14 @@ class _HCState:
                              f"for {self.plan.scheduler_class}")
 
 
-class _StepHook(StatefulHook):
+class _StepHook(SharedStateHook):
     """The step hook on the transformer: step tracking and the active flag the unit hooks read."""
 
-    def __init__(self, state: _HCState, timestep_position: int) -> None:
-        super().__init__()
-        self.state = state
-        self.timestep_position = timestep_position
+    state: _HCState
 
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state.clear()
-        return module
+    def __init__(self, state: _HCState, timestep_position: int) -> None:
+        super().__init__(state)
+        self.timestep_position = timestep_position
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         st = self.state
@@ -176,17 +173,14 @@ def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
     return type(out)(_blend(r, o, c) if o is not None else None for o, c in zip(out, cached, strict=True))
 
 
-class _UnitHook(StatefulHook):
+class _UnitHook(SharedStateHook):
     """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
 
-    def __init__(self, state: _HCState, index: int) -> None:
-        super().__init__()
-        self.state = state
-        self.index = index
+    state: _HCState
 
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.state.clear()
-        return module
+    def __init__(self, state: _HCState, index: int) -> None:
+        super().__init__(state)
+        self.index = index
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         st = self.state
