@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,22 +18,30 @@ from .base import PipelineFamily
 T5_DEFAULT_LENGTH = 512  # FluxPipeline's default max_sequence_length
 
 
-class FluxFamily(PipelineFamily):
-    name = "flux"
-    pipeline_classes = ("FluxPipeline",)
-    denoiser_attr = "transformer"
-    conditioning_kind = "text"
-    default_guidance = 3.5
-    has_step_callback = True
-    flow_matching = True
+class MMDiTTextFamily(PipelineFamily):
+    """Text-to-image flow-matching MMDiT pipelines (SD3, Flux): prompts, a `transformer`, `callback_on_step_end`,
+    and a T5 encoder whose tokenizer may declare a shorter length than the pipeline's default."""
 
-    def cfg_rows(self, guidance_scale: float | None) -> int:
-        return 1
+    denoiser_attr = "transformer"
+    conditioning_kind, cond_kwarg = "text", "prompt"
+    has_step_callback = flow_matching = True
+    #: the pipeline attribute holding the T5 tokenizer
+    t5_tokenizer_attr: ClassVar[str] = ""
 
     def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
                     **extra: Any) -> dict[str, Any]:
-        kw = {"prompt": [str(cond)] * n, "num_inference_steps": steps, "guidance_scale": self.guidance(guidance_scale)}
-        return {**kw, **text_length_kwargs(getattr(self.pipe, "tokenizer_2", None)), **extra}
+        kw = super().call_kwargs(cond, n, steps, guidance_scale)
+        return {**kw, **text_length_kwargs(getattr(self.pipe, self.t5_tokenizer_attr, None)), **extra}
+
+
+class FluxFamily(MMDiTTextFamily):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    default_guidance = 3.5
+    t5_tokenizer_attr = "tokenizer_2"
+
+    def cfg_rows(self, guidance_scale: float | None) -> int:
+        return 1
 
     # ------------------------------------------------------------------ the loops diffaccel owns (router training)
     # They reproduce `FluxPipeline.__call__` at its default size (`default_sample_size * vae_scale_factor`) with

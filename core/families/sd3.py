@@ -4,22 +4,11 @@ batched as [unconditional; conditional]."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from .base import PipelineFamily
-from .flux import text_length_kwargs
+from .flux import MMDiTTextFamily
 
 
-class StableDiffusion3Family(PipelineFamily):
+class StableDiffusion3Family(MMDiTTextFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    denoiser_attr = "transformer"
-    conditioning_kind = "text"
     default_guidance = 7.0
-    has_step_callback = True
-    flow_matching = True
-
-    def call_kwargs(self, cond: str | int | None, n: int, steps: int, guidance_scale: float | None = None,
-                    **extra: Any) -> dict[str, Any]:
-        kw = {"prompt": [str(cond)] * n, "num_inference_steps": steps, "guidance_scale": self.guidance(guidance_scale)}
-        return {**kw, **text_length_kwargs(getattr(self.pipe, "tokenizer_3", None)), **extra}
+    t5_tokenizer_attr = "tokenizer_3"
