@@ -37,13 +37,10 @@ from diffaccel.caching import (
     remove_encoder_propagation,
 )
 from diffaccel.caching.calibrate import UNetCalibrator
+from diffaccel.core.timing import log
 from diffaccel.evals import evaluate
 from diffaccel.zoo import caption, load
 from diffusers import DDIMScheduler
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def sd_pipe():

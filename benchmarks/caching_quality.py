@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,10 +37,7 @@ from diffaccel.caching import (
 )
 from diffaccel.core import make_generators
 from diffaccel.core.flops import flop_counter
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+from diffaccel.core.timing import log
 
 
 @torch.no_grad()

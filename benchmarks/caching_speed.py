@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +31,8 @@ from diffaccel.caching import (
     reset_caches,
 )
 from diffaccel.core.flops import flop_counter
+from diffaccel.core.timing import log
 from diffusers import DDIMScheduler
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def sd_ddim() -> DDIMScheduler:

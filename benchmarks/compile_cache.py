@@ -23,12 +23,9 @@ from pathlib import Path
 import torch
 from diffaccel.caching import apply_branch_reuse, remove_branch_reuse
 from diffaccel.core import make_generators
+from diffaccel.core.timing import log
 from diffaccel.zoo import caption, load
 from diffusers import DDIMScheduler
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

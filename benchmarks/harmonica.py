@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -43,14 +42,11 @@ from diffaccel.caching import (
     shipped_plans,
 )
 from diffaccel.caching.harmonica import example_inputs, plan_flops_ratio, resample_plan, unit_flops
+from diffaccel.core.timing import log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 20
 GUIDANCE = 4.0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def machine() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,12 @@ from typing import Any
 import torch
 
 from .errors import InputError
+
+
+def log(msg: str, tag: str = "") -> None:
+    """One timestamped progress line on stderr (benchmarks and long runs), e.g. ``[tag 12:03:04] msg``."""
+    stamp = time.strftime("%H:%M:%S")
+    print(f"[{tag + ' ' if tag else ''}{stamp}] {msg}", file=sys.stderr, flush=True)
 
 
 def synchronize(device: torch.device | str | None = None) -> None:

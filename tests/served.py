@@ -36,3 +36,17 @@ def serve(build: Callable[[], Any], tmp: Path, host: str = "127.0.0.1") -> Itera
         finally:
             demo.close()
             torch.set_num_threads(threads)
+
+
+def gradio_client(url: str, tmp: Path) -> Any:
+    """A `gradio_client.Client` on a served demo, downloading files under `tmp/client`."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(tmp / "client"))
+
+
+def predict(client: Any, values: dict[str, Any]) -> Any:
+    """Call the demo's `/run` endpoint with every input field given explicitly."""
+    from diffaccel.app.ui import INPUT_FIELDS
+
+    return client.predict(*[values[k] for k in INPUT_FIELDS], api_name="/run")

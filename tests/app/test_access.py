@@ -17,9 +17,8 @@ import torch
 from diffaccel.app import RunRequest, build_app
 from diffaccel.app.access import LocalAccess, check_no_custom_code, is_loopback
 from diffaccel.app.runner import FAMILIES, DemoRunner, RunInputError, load_pipeline
-from diffaccel.app.ui import INPUT_FIELDS
 from diffaccel.core import InputError
-from served import serve
+from served import gradio_client, predict, serve
 
 SMALL = dict(model="digits-dit", prompt="3", seed=0, num_images=1, baseline_steps=2, guidance_scale=4.0,
              sampler="DDIM", steps=2, time_shift=False, cache="none", ep_schedule="sd50-scaled", ep_parallel=True,
@@ -140,14 +139,11 @@ def exposed(models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(exposed):
-    from gradio_client import Client
-
-    return Client(exposed[1], verbose=False, download_files=str(exposed[2] / "client"))
+    return gradio_client(exposed[1], exposed[2])
 
 
 def _predict(client, **change):
-    values = {**SMALL, **change}
-    return client.predict(*[values[k] for k in INPUT_FIELDS], api_name="/run")
+    return predict(client, {**SMALL, **change})
 
 
 def test_served_on_a_non_loopback_address(exposed, client):

@@ -14,7 +14,7 @@ import gradio as gr
 import pytest
 from diffaccel.app import RunRequest, build_app
 from diffaccel.app.ui import INPUT_FIELDS
-from served import serve
+from served import gradio_client, predict, serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 # what the page opens with (the browser test runs these defaults); client calls pass every field explicitly
@@ -35,14 +35,11 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served):
-    from gradio_client import Client
-
-    return Client(served[1], verbose=False, download_files=str(served[2] / "client"))
+    return gradio_client(served[1], served[2])
 
 
 def _predict(client, **change):
-    values = {**SMALL, **change}
-    return client.predict(*[values[k] for k in INPUT_FIELDS], api_name="/run")
+    return predict(client, {**SMALL, **change})
 
 
 def test_app_builds(tmp_path):
