@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.families import find_denoiser
+from ..core.files import shipped_or_path
 from ..core.hooks import (
     SharedStateHook,
     StatefulHook,
@@ -169,7 +170,7 @@ class BranchReusePlan(StepUnitMask):
     def load(cls, path: str | os.PathLike) -> BranchReusePlan:
         from safetensors import safe_open
 
-        path = _plan_path(path)
+        path = shipped_or_path(path, shipped_unet_plans(), "branch reuse plan")
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             if meta.get("format") != "diffaccel-branch-reuse-plan/1":
@@ -183,16 +184,6 @@ class BranchReusePlan(StepUnitMask):
 def shipped_unet_plans() -> dict[str, Path]:
     """Branch reuse plans shipped with diffaccel (`caching/plans/branch_reuse/`): `{name: path}`."""
     return {p.stem: p for p in sorted(PLANS_DIR.glob("*.safetensors"))}
-
-
-def _plan_path(name_or_path: str | os.PathLike) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = shipped_unet_plans()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    raise FileNotFoundError(f"no branch reuse plan {str(name_or_path)!r}; shipped: {', '.join(shipped) or 'none'}")
 
 
 def no_reuse_plan(num_steps: int, unet: nn.Module) -> BranchReusePlan:

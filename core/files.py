@@ -29,6 +29,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def shipped_or_path(name_or_path: str | os.PathLike, shipped: dict[str, Path], what: str) -> Path:
+    """A file given by path, or by the name of one shipped with diffaccel (`shipped`: name -> path); an
+    `InputError` naming `what` and the shipped names otherwise, or when the path is a folder."""
+    path = Path(name_or_path)
+    if not path.exists() and str(name_or_path) in shipped:
+        path = shipped[str(name_or_path)]
+    if not path.exists():
+        raise InputError(f"no {what} file {str(name_or_path)!r}; shipped: {', '.join(shipped) or 'none'}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a {what} file (.safetensors)")
+    return path
+
+
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Move a finished temporary file or folder `tmp` to `path`, replacing what was there.
 

@@ -172,9 +172,8 @@ class HarmoniCa(_TransformerCache, name="harmonica", aliases=("cache-plan",)):
 
     def load(self) -> Any:
         from ..caching import CachePlan
-        from ..caching.harmonica.plan import _plan_path
 
-        return CachePlan.load(_plan_path(self.plan))
+        return CachePlan.load(self.plan)
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         super().check(pipe, family, recipe)

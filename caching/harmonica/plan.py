@@ -19,7 +19,7 @@ from torch import nn
 
 from ...core.errors import InputError
 from ...core.families import find_denoiser
-from ...core.files import atomic_save
+from ...core.files import atomic_save, shipped_or_path
 from ...core.schedulers import class_name as sched_name
 from ..masks import StepUnitMask
 
@@ -171,9 +171,7 @@ class CachePlan(StepUnitMask):
         """Read a plan written by `save` (or a shipped plan's name, see `shipped_plans`)."""
         from safetensors import safe_open
 
-        path = _plan_path(path)
-        if path.is_dir():
-            raise InputError(f"{path} is a folder, not a cache plan file (.safetensors)")
+        path = shipped_or_path(path, shipped_plans(), "cache plan")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
@@ -195,16 +193,6 @@ class CachePlan(StepUnitMask):
 def shipped_plans() -> dict[str, Path]:
     """Plans shipped with diffaccel: `{name: path}`, e.g. `"digits-dit-20-harmonica-b1"`."""
     return {p.stem: p for p in sorted(PLANS_DIR.glob("*.safetensors")) if not p.stem.endswith(".router")}
-
-
-def _plan_path(name_or_path: str | os.PathLike) -> Path:
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    shipped = shipped_plans()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    raise InputError(f"no cache plan file {str(name_or_path)!r}; shipped plans: {', '.join(shipped) or 'none'}")
 
 
 def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
