@@ -408,19 +408,13 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         if kind == "pie":
             # pseudo improved Euler (PNDM Eq. 13, 2nd order): predictor, then the mean slope from the start point
             if stage == 0:
-                self._x_start = x
-                self._stages = [e]
-                self._push(e)
-                return self._move(x, e, a_src, a_tgt)
+                return self._first_stage(e, x, a_src, a_tgt)
             e_prime = (self._stages[0].to(work_dtype(x)) + e.to(work_dtype(x))) / 2
             return self._move(self._x_start, e_prime, a_src, a_tgt)
         if kind == "prk":
             # pseudo Runge-Kutta (PNDM Eq. 13): every stage is transferred from the start point x_t
             if stage == 0:
-                self._x_start = x
-                self._stages = [e]
-                self._push(e)
-                return self._move(x, e, a_src, a_mid)
+                return self._first_stage(e, x, a_src, a_mid)
             self._stages.append(e)
             if stage == 1:
                 return self._move(self._x_start, e, a_src, a_mid)
@@ -430,6 +424,13 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
             e1, e2, e3, e4 = (s.to(dt) for s in self._stages)
             return self._move(self._x_start, (e1 + 2 * e2 + 2 * e3 + e4) / 6, a_src, a_tgt)
         return self._classical(ev, e, x, src, tgt, a_src)
+
+    def _first_stage(self, e: torch.Tensor, x: torch.Tensor, a_src, a_to) -> torch.Tensor:
+        """Stage 0 of a multi-stage step (PIE, PRK): remember the start point and its slope, transfer from it."""
+        self._x_start = x
+        self._stages = [e]
+        self._push(e)
+        return self._move(x, e, a_src, a_to)
 
     def _adams_bashforth(self, e: torch.Tensor, order: int) -> torch.Tensor:
         if order == 1:

@@ -342,12 +342,7 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             moved = shift != tgt
             if bool(moved.any()) and a_i != a_j:
                 prev = self._along_ray(sample, prev, a_i, a_j, shift, moved)
-        self.last_shift = shift
-        self._k += 1
-        if not return_dict:
-            return (prev,)
-        out.prev_sample = prev
-        return out
+        return self._finish(out, prev, shift, return_dict)
 
     def _step_flow(self, model_output, timestep, sample, return_dict, kwargs):
         """Generic flow base: the base step lands on σ_j; move it along the straight ray through (x_i, x_j) to the
@@ -364,6 +359,10 @@ class TimeShiftScheduler(SchedulerMixin, ConfigMixin):
             ratio = ((shift - s_i) / (s_j - s_i)).reshape(-1, *([1] * (sample.ndim - 1)))
             x_i = sample.to(dt)
             prev = (x_i + ratio.to(sample.device, dt) * (prev.to(dt) - x_i)).to(prev.dtype)
+        return self._finish(out, prev, shift, return_dict)
+
+    def _finish(self, out: Any, prev: torch.Tensor, shift: torch.Tensor | None, return_dict: bool) -> Any:
+        """Record the step's shift, advance the step index and return the (moved) sample in the base's output."""
         self.last_shift = shift
         self._k += 1
         if not return_dict:

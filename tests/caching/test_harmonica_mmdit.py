@@ -23,6 +23,15 @@ def _run(pipe, seed=0):
                     max_sequence_length=16, generator=make_generators(seed, 2), output_type="latent").images
 
 
+def _run_with_fora(pipe, interval):
+    """One call's output and cache counters with a FORA plan of `interval` attached (removed afterwards)."""
+    apply_cache_plan(pipe, fora_plan(STEPS, len(unit_modules(pipe.transformer)), interval, model=pipe))
+    try:
+        return _run(pipe), cache_plan_counters(pipe)
+    finally:
+        remove_cache_plan(pipe)
+
+
 def test_unit_layouts():
     sd3 = [n for n, _ in unit_modules(_pipe("random-sd3").transformer)]
     # the last joint block is context_pre_only: it has no context MLP
@@ -37,14 +46,9 @@ def test_unit_layouts():
 def test_all_compute_plan_is_bit_exact_in_the_stock_pipeline(name):
     pipe = _pipe(name)
     base = _run(pipe)
-    n = len(unit_modules(pipe.transformer))
-    apply_cache_plan(pipe, fora_plan(STEPS, n, 1, model=pipe))
-    try:
-        assert torch.equal(_run(pipe), base)
-        c = cache_plan_counters(pipe)
-        assert sum(c.reuses) == 0 and min(c.runs) > 0
-    finally:
-        remove_cache_plan(pipe)
+    out, c = _run_with_fora(pipe, 1)
+    assert torch.equal(out, base)
+    assert sum(c.reuses) == 0 and min(c.runs) > 0
     assert torch.equal(_run(pipe), base)
 
 
@@ -52,13 +56,7 @@ def test_all_compute_plan_is_bit_exact_in_the_stock_pipeline(name):
 def test_fora_reuses_every_unit_including_two_stream_attention(name):
     pipe = _pipe(name)
     base = _run(pipe)
-    n = len(unit_modules(pipe.transformer))
-    apply_cache_plan(pipe, fora_plan(STEPS, n, 2, model=pipe))
-    try:
-        out = _run(pipe)
-        c = cache_plan_counters(pipe)
-    finally:
-        remove_cache_plan(pipe)
+    out, c = _run_with_fora(pipe, 2)
     rows = 2 if name == "random-sd3" else 1  # SD3 batches CFG rows in one call; Flux (distilled guidance) does not
     assert c.calls == STEPS and all(r > 0 for r in c.reuses), (rows, c)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
