@@ -1,4 +1,4 @@
-"""Feature caching for diffusers denoisers, as `diffusers.hooks` on the stock models (spec: specs/caching.md).
+"""Feature caching for diffusers denoisers, as `diffusers.hooks` on the stock models (caching/README.md).
 
 * Encoder propagation (Li et al., "Faster Diffusion", NeurIPS 2024) for UNet2DModel / UNet2DConditionModel:
   `apply_encoder_propagation(unet_or_pipe, EncoderPropagationConfig(...))`, `remove_encoder_propagation(...)`.

@@ -1,7 +1,7 @@
 """Evaluation: FID / KID / IS / CLIP score with named extractors and resize modes, paired fidelity (PSNR / SSIM /
 feature distance against the unaccelerated images of the same seeds), and the shared harness.
 
-Every number carries the extractor (and its digest), dims, resize mode and sample counts (spec `evals.md` §0).
+Every number carries the extractor (and its digest), dims, resize mode and sample counts (evals/README.md).
 """
 
 from .errors import EvalInputError, FeatureExtractorWeightsInvalid, FeatureExtractorWeightsNotFound, StatsMismatchError

@@ -2,7 +2,7 @@
 
 An extractor takes uint8 ``(N, 1|3, H, W)`` images, converts them to its channel count, resizes them to its native
 size by a named resize mode (`evals.images`), and returns float32 ``(N, num_features)``. It never leaves eval mode
-(evals spec §9.2). Registered names:
+(evals/README.md). Registered names:
 
 - ``digits``: the zoo's `digits-features` classifier (d = 128, 32x32 grey; offline default). Numbers made with it
   are "FID (domain: digits-features)", comparable only with each other.
@@ -76,7 +76,7 @@ class FeatureExtractor(nn.Module):
         return self.embed_with_logits(self.prepare(images))[1].float()
 
     def describe(self) -> dict:
-        """What every result records about the features (evals spec §0)."""
+        """What every result records about the features (evals/README.md, "Python API")."""
         return {"extractor": self.name, "extractor_sha256": self.sha256, "dims": self.num_features,
                 "resize": self.resize}
 

@@ -6,7 +6,7 @@ FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule ...", eq
     d^2 = |mu_a - mu_b|^2 + Tr(Sigma_a) + Tr(Sigma_b) - 2 Tr((Sigma_a Sigma_b)^{1/2})
 
 For PSD matrices the eigenvalues of Sigma_a Sigma_b equal those of R Sigma_b R with R = Sigma_a^{1/2}, which are
-real and non-negative, so the default method needs no general (complex) matrix square root (evals spec §4.3).
+real and non-negative, so the default method needs no general (complex) matrix square root.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def frechet_distance(
 
 @dataclass
 class FeatureStats:
-    """Streaming sufficient statistics n, sum f, sum f f^T in float64 (evals spec §4.1), optionally keeping features.
+    """Streaming sufficient statistics n, sum f, sum f f^T in float64, optionally keeping features.
 
     Features are shifted by a fixed pivot (the first batch's mean) before accumulation, so large means do not cancel
     the covariance; the pivot is added back to mu. `keep_features=True` also stores the raw float32 features (for

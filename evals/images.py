@@ -1,7 +1,8 @@
 """Image inputs of the metrics: folder listing and decoding, channel conversion, and the named resize modes.
 
-Order (evals spec §3, after Parmar et al., "On Aliased Resizing and Surprising Subtleties in GAN Evaluation",
-CVPR 2022): decode -> uint8 -> channels -> resize to the extractor's native size -> normalise (inside the extractor).
+Order (evals/README.md, "Resize modes"; after Parmar et al., "On Aliased Resizing and Surprising Subtleties in GAN
+Evaluation", CVPR 2022): decode -> uint8 -> channels -> resize to the extractor's native size
+-> normalise (inside the extractor).
 Float generator output is quantized with `diffaccel.core.to_uint8` (round, never truncate) before any of this.
 
 Resize modes (recorded in every result):

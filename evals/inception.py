@@ -1,7 +1,7 @@
 """The "FID Inception" network: Inception-v3 as in TensorFlow's `inception-2015-12-05` graph, in pure torch.
 
 Architecture: Szegedy et al., "Rethinking the Inception Architecture for Computer Vision" (CVPR 2016), Figures 5-7
-and Table 1, with the differences of the TF graph that FID was defined on (Heusel et al. 2017; evals spec §2.2):
+and Table 1, with the differences of the TF graph that FID was defined on (Heusel et al. 2017):
 1008 classes, no auxiliary head, branch average pools that exclude padding, and a *max* pool in the pooling
 branch of the last block (Mixed_7c). Parameter names follow torchvision's Inception-v3, which is the layout of the
 converted weight files `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid) and
@@ -202,7 +202,7 @@ class FIDInceptionV3(nn.Module):
 
 
 def candidate_paths(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """Where the weight file is looked for, in order (evals spec §8.2): explicit path, `$DIFFACCEL_INCEPTION_WEIGHTS`,
+    """Where the weight file is looked for, in order: explicit path, `$DIFFACCEL_INCEPTION_WEIGHTS`,
     `$XDG_CACHE_HOME/diffaccel/weights/`, then torch hub's `checkpoints/` folder, each under both file names."""
     out: list[Path] = []
     if explicit:

@@ -1,7 +1,7 @@
 """FID, KID, Inception Score and CLIP score on top of the extractors, streaming statistics and torchmetrics.
 
 Every function takes uint8 images (quantize float output with `diffaccel.core.to_uint8`, which rounds) or features,
-and every result records the extractor, its digest, dims, resize mode and sample counts (evals spec §0).
+and every result records the extractor, its digest, dims, resize mode and sample counts (evals/README.md).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def features_from_folder(extractor: FeatureExtractor, folder: str | Path, *, bat
     notes: list[str] = []
     lossy = sum(p.suffix.lower() in LOSSY_EXTENSIONS for p in files)
     if lossy:
-        notes.append(f"{folder} contains {lossy} lossy (JPEG/WebP) file(s); compare like with like (evals spec §3.1)")
+        notes.append(f"{folder} contains {lossy} lossy (JPEG/WebP) file(s); compare like with like")
     ds = ImageFilesDataset(files, extractor.native_size, extractor.channels, extractor.resize)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_prepared)

@@ -1,4 +1,4 @@
-"""Reference statistics as `.npz`: pytorch-fid's `mu` / `sigma` plus provenance metadata (evals spec §6).
+"""Reference statistics as `.npz`: pytorch-fid's `mu` / `sigma` plus provenance metadata (evals/README.md).
 
 pytorch-fid and clean-fid read only `mu` and `sigma`; the extra keys (`n`, `extractor`, `extractor_sha256`, `dims`,
 `resize`, `source`, `toolkit_version`, `created_utc`, optional `feats`) are plain arrays, so

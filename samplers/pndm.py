@@ -85,7 +85,8 @@ def transition_kinds(method: str, num_transitions: int) -> list[str]:
 
 
 def nfe_for(method: str, num_transitions: int) -> int:
-    """Model calls of `method` for `num_transitions` transitions (spec §1.3: N, N+1, N+9, ...)."""
+    """Model calls of `method` for `num_transitions` transitions (N transitions
+    cost N model calls for PLMS, N+1 for S-PNDM, N+9 for F-PNDM: three 4-call PRK steps)."""
     return sum(_EVALS[k] for k in transition_kinds(method, num_transitions))
 
 
@@ -346,7 +347,8 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         return e.k, e.stage, self._source(e.k), self._target(e.k)
 
     def set_target_times(self, target_times: torch.Tensor | None) -> None:
-        """Per-sample target times for the transition about to start (Time-Shift "target" mode, spec §2.5)."""
+        """Per-sample target times for the transition about to start (Time-Shift
+        "target" mode, see `samplers.time_shift`)."""
         if self._method == "fon" and not self._flow and target_times is not None:
             raise InputError("method='fon' uses a linear transfer; Time-Shift target shifting is not defined for it")
         self._target_times = target_times
@@ -451,7 +453,7 @@ class PseudoNumericalScheduler(SchedulerMixin, ConfigMixin):
         """FON: classical RK4 then 4-step Adams-Bashforth with a *linear* transfer x + h * D (PNDM §4, "FON").
 
         The derivative is the one-training-step DDIM difference D = φ(x_t, e; t -> t-1) - x_t of the original
-        code; in the RK stages only eps comes from the stage point, the linear part stays at x_t (spec §1.3).
+        code; in the RK stages only eps comes from the stage point, the linear part stays at x_t.
         """
         h = float(src - tgt)
         a_down = self._level(src - 1)

@@ -1,8 +1,8 @@
 """Time-Shift sampler (Li et al., "Alleviating Exposure Bias in Diffusion Models through Sampling with Shifted Time
 Steps", ICLR 2024) as a wrapper around any VP diffusers scheduler.
 
-Selection rule (paper Alg. 3 / Thm. 3.1, spec §2.1): for each sample, take the time in a window whose marginal
-noise variance `1 - A[τ]` is closest to the sample's own variance. Default "target" mode (spec §2.5; the committed
+Selection rule (paper Alg. 3 / Thm. 3.1): for each sample, take the time in a window whose marginal
+noise variance `1 - A[τ]` is closest to the sample's own variance. Default "target" mode (the committed
 TS-DPM `PNMSolver` code behind the paper's Table 1): from the second transition on, while the nominal target time
 exceeds `cutoff`, the transition lands on level `A[s]` instead of `A[j]`, with `s` chosen from the variance of the
 incoming state in a window centred on the nominal target `j`. The model is always called at nominal times, so it
@@ -58,7 +58,7 @@ def select_shift(
     alphas_cumprod: torch.Tensor,
     halfwidth_rule: str = "floor_half",
 ) -> torch.Tensor:
-    """Per-sample shifted time (spec §2.1): argmin over τ in the window of `(var(x_b) - (1 - A[τ]))^2`.
+    """Per-sample shifted time (paper Alg. 3): argmin over τ in the window of `(var(x_b) - (1 - A[τ]))^2`.
 
     `var` is the unbiased variance of all entries of each sample, in float32; the window is
     `[max(0, c - h), min(T - 1, c + h)]` with `h = window // 2` (``floor_half``) or `window` (``full``, the DEIS
@@ -76,7 +76,7 @@ def select_shift(
 
 def _levels_by_time(base: SchedulerMixin) -> torch.Tensor:
     """``alphas_cumprod`` indexed by the model time a step lands on: a PNDM base with ``alpha_index_shift = 1``
-    (the original PNDM code, spec §1.5) sits at level ``A[τ + 1]`` for time τ, so its table starts one later and
+    (the original PNDM code) sits at level ``A[τ + 1]`` for time τ, so its table starts one later and
     the last reachable time is ``T − 2``."""
     acp = base.alphas_cumprod
     if isinstance(base, PseudoNumericalScheduler):

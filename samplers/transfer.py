@@ -1,6 +1,6 @@
 """Shared machinery of the PNDM family: noise schedules, inference grids and the transfer map φ.
 
-Notation follows the spec (`specs/samplers.md` §0): `A[i] = prod_{k<=i} (1 - beta_k)` is the 0-indexed cumulative
+Notation (as in PNDM, Liu et al. ICLR 2022, Sec. 3): `A[i] = prod_{k<=i} (1 - beta_k)` is the 0-indexed cumulative
 product (`alphas_cumprod` in diffusers); a state at level `a` is `x = sqrt(a) x0 + sqrt(1 - a) eps`.
 """
 
@@ -64,7 +64,7 @@ def make_grid(spacing: str, num_steps: int, num_train_timesteps: int, steps_offs
       Schedules and Sample Steps are Flawed", 2023); ``steps_offset`` is added to ``leading`` only, as diffusers does.
       Always ``num_steps`` points (diffusers' ``trailing`` has one extra point for some N, e.g. 61).
     * ``pndm_uniform``: the grid of the original PNDM code, ``range(0, T, T // N)`` reversed; it has
-      ``ceil(T / (T // N))`` points, which is ``N`` only when ``T % N == 0`` (spec §1.4).
+      ``ceil(T / (T // N))`` points, which is ``N`` only when ``T % N == 0``.
     * ``quad``: the DDIM quadratic grid ``int((i * sqrt(0.8 T) / (N - 1))^2)`` (Song et al. 2021, App. D.2).
     """
     n, big_t = num_steps, num_train_timesteps

@@ -1,6 +1,6 @@
 """`digits-features`: a small CNN on the zoo's digits, used as the offline feature extractor and classifier.
 
-It follows the torchmetrics ``feature=`` contract (evals spec section 9.2): uint8 ``(N, C, H, W)`` in, float32
+It follows the torchmetrics ``feature=`` contract (see evals/README.md): uint8 ``(N, C, H, W)`` in, float32
 ``(N, num_features)`` out; images are converted to one channel, resized with antialiasing to 32x32 when needed,
 and the module never leaves eval mode. Features are the LayerNorm-ed penultimate embedding (dense, full-rank
 covariance); ``logits`` gives the 10-way classification.
