@@ -1,5 +1,8 @@
 """Calibrating a cache plan for a target speed-up (or a fidelity floor), from measured reuse errors.
 
+(Over 450 lines: recording, error measurement, weighting, the dynamic programme and the report are the steps of
+one method for two plan kinds, UNet branch reuse and DiT unit plans, and read best in order.)
+
 `calibrate_unet(pipe, prompts, target_speedup=2.0)` returns a `BranchReusePlan` for a UNet pipeline and a report of
 the plan's measured FLOPs ratio and paired fidelity. How (diffaccel's method; the error model is ours):
 

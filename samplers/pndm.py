@@ -1,6 +1,9 @@
 """PNDM family as one drop-in diffusers scheduler (Liu et al., "Pseudo Numerical Methods for Diffusion Models on
 Manifolds", ICLR 2022).
 
+(Over 450 lines: one diffusers scheduler class holds the seven methods' plans, their VP and flow forms and the
+Time-Shift target hook; the coefficient maths lives in `transfer.py` and `flow.py`.)
+
 Every method is "gradient part + transfer part" (paper §3): a noise estimate `e'` built from model evaluations, then
 the transfer map φ (Eq. 11, `transfer.transfer`) moves the state. `num_inference_steps` is the number of
 **transitions** N; every model evaluation is its own entry of `timesteps`, so a stock pipeline calls the model
