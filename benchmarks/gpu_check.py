@@ -1,6 +1,6 @@
 """GPU check: one prepared process that turns diffaccel's CPU claims into GPU numbers inside one short device window.
 
-(Over 450 lines on purpose: one self-contained script, run once per lent device window, whose sections share the
+(Over 450 lines on purpose: one self-contained script, run once per GPU session, whose sections share the
 budget, the atomic result writer and the report.)
 
     python benchmarks/gpu_check.py --out gpu_results            # on a CUDA machine (or: make gpu-check)

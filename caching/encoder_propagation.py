@@ -12,8 +12,8 @@ propagation"):
 
 A non-key prediction never reads the current latent, so the non-key steps after a key step can be decoded in one
 batch ("parallel decoding", paper §3.3 / Fig. 5) — here by looking ahead at the scheduler's timesteps and stashing
-the predictions, with the pipeline loop and scheduler untouched (spec §2.4). Prior noise injection (paper §3.4) adds
-`alpha * z_T` to the latent before every step with `t_s < tau_frac * T` through `callback_on_step_end` (spec §2.5).
+the predictions, with the pipeline loop and scheduler untouched. Prior noise injection (paper §3.4) adds
+`alpha * z_T` to the latent before every step with `t_s < tau_frac * T` through `callback_on_step_end`.
 
 Hooks (named `diffaccel.encoder_propagation.<role>`): the denoiser hook on the UNet (step tracking, key decision,
 look-ahead), the encoder hook on each encoder module (run and store at key steps, return a copy of the stored output
@@ -92,7 +92,7 @@ class EncoderPropagationConfig:
     cache_controlnet: compute ControlNet residuals at key steps only (the pipeline's ControlNet is found when
         applied to a pipeline).
     clone_on_reuse: store and hand out copies of cached tensors, so in-place adds by the UNet forward (T2I-Adapter)
-        or by callers never corrupt the cache (spec §1.5).
+        or by callers never corrupt the cache.
     step_counting: "timestep" (steps counted from the denoiser's timestep argument; the only mode).
     propagate_up_blocks: also reuse the outputs of the first j (deepest) up blocks at non-key steps — a diffaccel
         extension beyond the paper (0 = the paper's encoder propagation). Non-key predictions still never read the
@@ -237,7 +237,7 @@ def _conditioning(args: tuple, kwargs: dict) -> list[Any]:
 
 
 class _DenoiserHook(SharedStateHook):
-    """The denoiser hook: step tracking, key-step decision, parallel look-ahead with a stash (spec §2.2, §2.4)."""
+    """The denoiser hook: step tracking, key-step decision, parallel look-ahead with a stash (paper §3.3)."""
 
     state: _EPState
 

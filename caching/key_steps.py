@@ -1,4 +1,5 @@
-"""Key-step schedules for encoder propagation (spec §2.3), and a schedule chosen by measurement.
+"""Key-step schedules for encoder propagation (Faster Diffusion, Li et al. NeurIPS 2024), and a schedule
+chosen by measurement.
 
 A schedule says at which execution-order steps `s` (0 = noisiest) the UNet encoder runs. Named schedules follow
 the Faster Diffusion reference (Li et al., NeurIPS 2024, §3.3 and the released code); `sd50-scaled` and

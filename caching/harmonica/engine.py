@@ -59,7 +59,7 @@ class CacheMode(str, enum.Enum):
     TEACHER_WRITE = "teacher_write"  # plain f, written to the cache
 
 # ----------------------------------------------------------------------------------------------------------------------
-# hooks (spec §3.3, §3.4, §3.8)
+# hooks (HarmoniCa, Huang et al. ICML 2025: binary plan at inference, soft blend in training)
 
 
 GateFn = Callable[[int], "torch.Tensor | None"]
@@ -174,7 +174,7 @@ def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
 
 
 class _UnitHook(SharedStateHook):
-    """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (spec §3.3-3.4)."""
+    """The unit hook on one unit module: compute-and-store, reuse, or the soft training blend (HarmoniCa)."""
 
     state: _HCState
 
@@ -210,7 +210,7 @@ class _UnitHook(SharedStateHook):
             y, write = out, True
         else:
             r = gates[u]
-            y = _blend(r, out, cached)  # spec §3.4: y = r f + (1 - r) c
+            y = _blend(r, out, cached)  # HarmoniCa training: y = r f + (1 - r) c
             write = bool(r.detach() > st.threshold)
         if st.mode == CacheMode.SOFT and write:
             st.cache[key] = tree_map(torch.Tensor.detach, y)
@@ -289,7 +289,7 @@ def apply_cache_plan(model: Any, plan: CachePlan | str | os.PathLike, *, force: 
 
 
 def attach_router(model: Any, router: Router | None = None, *, threshold: float = DEFAULT_THRESHOLD) -> _HCState:
-    """Attach the training engine (soft forward, spec §3.4) and return its state, for `harmonica_train`.
+    """Attach the training engine (HarmoniCa's soft forward) and return its state, for `harmonica_train`.
 
     The state starts in "teacher" mode; set `state.mode` and `state.gates` per forward. Remove with
     `remove_cache_plan`."""

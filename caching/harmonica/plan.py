@@ -31,7 +31,8 @@ ROUTER_FORMAT = "diffaccel.router.v1"
 DEFAULT_THRESHOLD = 0.1  # τ of the released HarmoniCa / Learning-to-Cache DiT code
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
 
-# Unit layout per transformer class (spec §3.1). PixArt's set is our choice: HarmoniCa's PixArt code is unreleased.
+# Unit layout per transformer class (HarmoniCa caches the attention and MLP outputs of each block).
+# PixArt's set is our choice: HarmoniCa's PixArt code is unreleased.
 # MMDiT (our choice, as FORA's and HarmoniCa's DiT units): SD3's joint blocks cache the joint attention (one call
 # giving the image and the text stream) and the two MLP branches; Flux adds its single-stream blocks ("single."),
 # whose units are the attention and the MLP input projection (the fused output projection always runs).
@@ -137,7 +138,7 @@ class CachePlan(StepUnitMask):
 
     @property
     def usage_ratio(self) -> float:
-        """Cache-usage ratio (CUR, spec §0): reused (step, unit) pairs over all steps x units."""
+        """Cache-usage ratio (CUR, HarmoniCa's cache-usage ratio): reused (step, unit) pairs over all steps x units."""
         return self.skipped_units / self.mask.numel()
 
     @property

@@ -22,7 +22,8 @@ from .plan import DEFAULT_THRESHOLD, ROUTER_FORMAT, CachePlan, _check_size, defa
 
 
 class Router(nn.Module):
-    """Learnable per-step, per-unit logits Θ [steps, units]; r = sigmoid(Θ) ≈ 1 computes, ≈ 0 reuses (spec §3.2).
+    """Learnable per-step, per-unit logits Θ [steps, units]; r = sigmoid(Θ) ≈ 1 computes, ≈ 0 reuses (HarmoniCa,
+    after Learning-to-Cache, Ma et al. NeurIPS 2024).
 
     Row 0 is the constant `first_logit` (5.0, sigmoid ≈ 0.9933, as in the released code) and not trainable; rows
     1..N-1 are separate parameters initialised from N(0, init_std²) so that an optimiser skips rows without a
@@ -78,7 +79,7 @@ class Router(nn.Module):
             p.clamp_(-self.clamp, self.clamp)
 
     def to_plan(self, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
-        """Binary plan `P = sigmoid(Θ) > threshold`, row 0 forced to compute (spec §3.3)."""
+        """Binary plan `P = sigmoid(Θ) > threshold`, row 0 forced to compute."""
         if not 0.0 < threshold < 1.0:
             raise InputError(f"threshold must be in (0, 1), got {threshold}")
         with torch.no_grad():
@@ -89,7 +90,7 @@ class Router(nn.Module):
 
     @classmethod
     def from_released(cls, state_dict: dict[str, torch.Tensor], model: Any | None = None, **kwargs: Any) -> Router:
-        """Import a router saved by the released HarmoniCa / Learning-to-Cache DiT code (spec §3.2).
+        """Import a router saved by the released HarmoniCa / Learning-to-Cache DiT code.
 
         Those store one `prob` logit vector (2 * depth entries) per step in a ModuleList indexed by the *respaced
         diffusion index*, the reverse of execution order: execution step s is stored router N - 1 - s. Keys are
