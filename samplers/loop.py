@@ -6,8 +6,8 @@
 `core.families`); each step is ``scheduler.step(model_output, t, x)``. After every step `callback` receives one
 dict with the documented keys below and may return a replacement for ``x`` (FK steering resamples particles this
 way). FK steering (`steering.fk.sample_fk`), noise search (`steering.noise_search`) and router training
-(`caching.harmonica_train.generate`) use it. The Time-Shift paper loop (`samplers.time_shift`) calls the model at
-per-sample times and keeps its own loop.
+(`caching.harmonica_train.generate`) and the Time-Shift paper loop (`samplers.time_shift.sample_time_shift_paper`,
+whose step object also picks the per-sample model time of the next step) use it.
 """
 
 from __future__ import annotations

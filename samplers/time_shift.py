@@ -42,6 +42,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from ..core.errors import InputError
 from ..core.schedulers import TIME_SHIFT_BASES
 from .flow import is_flow_scheduler, select_shift_flow
+from .loop import sample
 from .pndm import PseudoNumericalScheduler
 from .transfer import transfer, transfer_coefficients
 
@@ -396,7 +397,7 @@ def sample_time_shift_paper(
     halfwidth_rule: str = "floor_half",
     callback=None,
 ) -> torch.Tensor:
-    """TS-DDIM with the paper's *model-time* shift (Li et al. 2024, Algorithm 3), as our own sampling loop.
+    """TS-DDIM with the paper's *model-time* shift (Li et al. 2024, Algorithm 3), on `loop.sample`.
 
     A stock pipeline cannot do this: the model must be called at a per-sample time `t_s`, so `model(x, t)` here
     receives an int64 tensor of shape (B,). Per transition with nominal source `t` and target `t'`:
@@ -416,21 +417,39 @@ def sample_time_shift_paper(
     if coeffs not in ("shifted", "nominal"):
         raise InputError(f"coeffs must be 'shifted' or 'nominal', got {coeffs!r}")
     scheduler.set_timesteps(num_inference_steps, device=x.device)
-    grid = scheduler.grid
-    t_in = torch.full((x.shape[0],), int(grid[0]), dtype=torch.int64)
-    for k, t in enumerate(grid):
-        tgt = scheduler._target(k)
-        e = model(x, t_in.to(x.device))
-        if scheduler.config.prediction_type == "v_prediction":
+    stepper = _ModelTimeShiftStep(scheduler, x.shape[0], window, cutoff, coeffs, halfwidth_rule)
+
+    def report(info: dict[str, Any]) -> None:
+        callback({"k": info["i"], "x": info["x"], "t_in": stepper.used_t_in})
+
+    return sample(lambda x, t: model(x, stepper.t_in.to(x.device)), x, scheduler.grid,
+                  callback=None if callback is None else report, scheduler=stepper)
+
+
+class _ModelTimeShiftStep:
+    """Algorithm 3's transition as a `loop.sample` scheduler: the model was called at `t_in` (per sample), φ moves
+    x from A[t_in] (or A[t]) to A[t']; then the next transition's `t_in` is chosen from the new state."""
+
+    def __init__(self, scheduler: PseudoNumericalScheduler, batch: int, window: int, cutoff: int, coeffs: str,
+                 halfwidth_rule: str) -> None:
+        self.base, self.window, self.cutoff, self.coeffs, self.halfwidth_rule = (
+            scheduler, window, cutoff, coeffs, halfwidth_rule)
+        self.k = 0
+        self.t_in = self.used_t_in = torch.full((batch,), int(scheduler.grid[0]), dtype=torch.int64)
+
+    def step(self, e: torch.Tensor, t: Any, x: torch.Tensor, return_dict: bool = True) -> SchedulerOutput:
+        base, t_in = self.base, self.t_in
+        tgt = base._target(self.k)
+        if base.config.prediction_type == "v_prediction":
             from .transfer import epsilon_from_v
 
-            e = epsilon_from_v(e, x, scheduler._level(t_in))
-        a_src = scheduler._level(t_in) if coeffs == "shifted" else scheduler._level(int(t))
-        x = transfer(x, e, a_src, scheduler._level(tgt))
-        if callback is not None:
-            callback({"k": k, "x": x, "t_in": t_in})
-        if window > 0 and int(t) > cutoff and tgt >= 0:
-            t_in = select_shift(x, tgt, window, _levels_by_time(scheduler), halfwidth_rule)
+            e = epsilon_from_v(e, x, base._level(t_in))
+        a_src = base._level(t_in) if self.coeffs == "shifted" else base._level(int(t))
+        x = transfer(x, e, a_src, base._level(tgt))
+        self.used_t_in = t_in
+        if self.window > 0 and int(t) > self.cutoff and tgt >= 0:
+            self.t_in = select_shift(x, tgt, self.window, _levels_by_time(base), self.halfwidth_rule)
         else:
-            t_in = torch.full((x.shape[0],), max(tgt, 0), dtype=torch.int64)
-    return x
+            self.t_in = torch.full((x.shape[0],), max(tgt, 0), dtype=torch.int64)
+        self.k += 1
+        return SchedulerOutput(prev_sample=x)

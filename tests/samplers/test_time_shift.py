@@ -251,6 +251,25 @@ def test_paper_model_time_shift_loop(x64):
         sample_time_shift_paper(batched_exact, x64, PseudoNumericalScheduler(method="s-pndm"), 10, 40, 300)
 
 
+def test_paper_loop_is_algorithm_3_written_out(x64):
+    """The loop on `loop.sample` equals Algorithm 3 spelt out transition by transition (identical float64 ops)."""
+    from diffaccel.samplers.time_shift import _levels_by_time
+
+    def model(x, t):
+        return torch.sin(x * (1 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 1000))
+
+    sched = PseudoNumericalScheduler(method="ddim")
+    out = sample_time_shift_paper(model, x64, sched, 10, window=40, cutoff=300)
+    x, t_in = x64, torch.full((x64.shape[0],), int(sched.grid[0]), dtype=torch.int64)
+    for k, t in enumerate(sched.grid):
+        tgt = sched._target(k)
+        x = transfer(x, model(x, t_in), sched._level(t_in), sched._level(tgt))
+        shifted = int(t) > 300 and tgt >= 0
+        t_in = (select_shift(x, tgt, 40, _levels_by_time(sched), "floor_half") if shifted
+                else torch.full((x.shape[0],), max(tgt, 0), dtype=torch.int64))
+    assert torch.equal(out, x)
+
+
 @settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(4, 60),
