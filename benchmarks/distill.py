@@ -7,7 +7,7 @@ Rows: teacher (digits-sd, DDIM, CFG 7.5) at 25 and 1 steps; 2-RF (Euler, no CFG)
 student; optionally a guidance-distilled pipeline (`--guidance`). Each row goes through the evals harness
 (`diffaccel.evals.evaluate`: FID/KID domain digits-features vs the test split, class accuracy, CLIP score,
 s/image, true NFE). The paired columns compare each row's image with the 25-step teacher's image *from the same
-noise and prompt* (spec §5's paired metric, with the digits-features embedding in place of LPIPS): mean squared
+noise and prompt* (a paired metric, with the digits-features embedding in place of LPIPS): mean squared
 pixel difference in [0, 1] and mean squared feature distance. "s/img" is the harness's median over batches of
 `--batch-size` images; "batch-1 s" the median latency of one-image calls (`diffaccel.core.measure`). Results:
 `benchmarks/results/distill.{json,md}`.

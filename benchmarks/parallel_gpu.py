@@ -105,7 +105,7 @@ def per_layer_times(model: nn.Module, kw: dict) -> dict[str, float]:
 
 
 def analytic_bytes(model: nn.Module, kw: dict, n: int, elt: int, fraction: float) -> dict[str, dict[str, float]]:
-    """Bytes sent per call by an interior rank, per kind and mode (spec section 10; stride-2 convs send no lower
+    """Bytes sent per call by an interior rank, per kind and mode (stride-2 convs send no lower
     halo). Shapes come from one single-device call."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "parallel"))
     from workers import expected_bytes, layer_shapes  # the parallel tests' byte model (tests/parallel/workers.py)

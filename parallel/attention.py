@@ -1,4 +1,4 @@
-"""Self-attention on a band of tokens as a diffusers attention processor (spec sections 4.3 and 6).
+"""Self-attention on a band of tokens as a diffusers attention processor.
 
 Queries are the band's own tokens; keys/values are, per mode,
 * sync: all bands, fresh (all-gather of the local [K|V], concatenated in rank order = the original token order);

@@ -30,7 +30,7 @@ _instances = 0
 
 @dataclass
 class CommRecord:
-    """One transfer as this rank saw it. `wire_bytes` follows the ring model (spec section 10)."""
+    """One transfer as this rank saw it. `wire_bytes` follows the ring model."""
 
     call_index: int
     layer: str

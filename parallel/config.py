@@ -32,7 +32,7 @@ class PatchParallelConfig:
         only sees the `pcpp_fraction` rows of each neighbouring band that touch the border), "naive" (no exchange
         at all after warm-up: zero halos, per-band statistics, own-band attention).
     warmup_steps: model calls with index <= warmup_steps run synchronously (call 0 always does).
-    gn_mode: GroupNorm statistics in displaced calls (spec section 4.2); "corrected" is DistriFusion's choice.
+    gn_mode: GroupNorm statistics in displaced calls; "corrected" is DistriFusion's choice.
     pcpp_fraction: fraction f of a neighbour band's rows (m = round(f * h) whole rows) attended in PCPP.
     cfg_parallel: run the unconditional and conditional halves of a CFG batch on two rank groups.
     halo_transport: "p2p" (send boundary rows to the two neighbours) or "allgather" (DistriFusion's layout).

@@ -1,4 +1,4 @@
-"""DiT / PixArt transformers: a band of token rows per rank (spec section 8).
+"""DiT / PixArt transformers: a band of token rows per rank.
 
 Each rank receives latent rows [r*H/N, (r+1)*H/N). The patch embedding projects them and adds the matching rows of
 the positional table of the *full* grid (the stock module would build a table for the band's small grid). Only

@@ -1,4 +1,4 @@
-"""GroupNorm over a band with statistics of the whole image (spec section 4.2).
+"""GroupNorm over a band with statistics of the whole image.
 
 Each rank computes, per sample and group, its band's mean and biased variance (`torch.var_mean`, fp32 or wider)
 and all-gathers them. With equal counts per band the global statistics follow from the parallel-variance

@@ -19,7 +19,7 @@ from .state import PatchState, zeros_rows
 
 
 def halo_rows(conv: nn.Conv2d, h: int) -> tuple[int, int]:
-    """(rows above, rows below) a band of h rows needs for `conv` (spec section 4.1)."""
+    """(rows above, rows below) a band of h rows needs for `conv`."""
     k, p, s = conv.kernel_size[0], conv.padding[0], conv.stride[0]
     if h % s or (h + 2 * p - k) // s + 1 != h // s:
         raise PatchParallelError(f"a band of {h} rows does not line up with conv k={k}, p={p}, s={s}")

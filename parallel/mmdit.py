@@ -119,7 +119,7 @@ def _check_attention(name: str, m: nn.Module) -> None:
 
 
 class SD3Adapter(_TransformerAdapter):
-    """`SD3Transformer2DModel`: row bands of the 4-D latent (spec section 8 plus joint attention)."""
+    """`SD3Transformer2DModel`: row bands of the 4-D latent."""
 
     model_class = "SD3Transformer2DModel"
     timestep_pos = 3

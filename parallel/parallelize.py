@@ -94,7 +94,7 @@ class PatchParallelHandle:
             self.state.reset()
 
     def comm_report(self, all_ranks: bool = False) -> dict[str, Any]:
-        """Bytes per call, per kind, split into sync and displaced calls (spec section 10); `all_ranks=True`
+        """Bytes per call, per kind, split into sync and displaced calls; `all_ranks=True`
         is collective and adds every rank's summary."""
         if not self.state:
             return {"world_size": 1, "note": "single process: nothing communicated"}

@@ -14,7 +14,7 @@ class PatchState:
     """What every hook of one parallelised denoiser reads: which call this is and what each layer kept.
 
     Call index i counts model calls (not scheduler steps) since the last `reset()`; calls with
-    `i <= warmup_steps` (and every call in sync mode) are synchronous (spec section 5.2).
+    `i <= warmup_steps` (and every call in sync mode) are synchronous.
     """
 
     def __init__(self, config: PatchParallelConfig, comm: Communicator | None, n: int) -> None:

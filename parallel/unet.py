@@ -38,7 +38,7 @@ def check_attention(name: str, attn: nn.Module) -> None:
 
 
 def check_common(name: str, m: nn.Module, extra: set[str]) -> None:
-    """Refuse any module whose spatial behaviour we do not know (spec section 13: fail loudly on drift)."""
+    """Refuse any module whose spatial behaviour we do not know (fail loudly when diffusers changes a layer)."""
     cls = type(m).__name__
     if isinstance(m, nn.Conv2d):
         check_conv(name, m)

@@ -1,4 +1,4 @@
-"""Encoder propagation on stock diffusers UNets and pipelines (spec §2, §5 R1-R6, §6 tests 4-13, 22)."""
+"""Encoder propagation on stock diffusers UNets and pipelines."""
 
 import pytest
 import torch
@@ -146,7 +146,7 @@ def test_non_key_step_never_reads_the_latent_nor_runs_the_encoder():
 @torch.no_grad()
 @pytest.mark.parametrize("clone", [True, False])
 def test_cache_survives_in_place_adds_t2i_adapter_path(clone):
-    # the UNet forward adds T2I-Adapter residuals in place onto a non-attention down block's output (spec §1.5)
+    # the UNet forward adds T2I-Adapter residuals in place onto a non-attention down block's output
     unet = _cond_unet()
     ehs = torch.randn(2, 5, 16)
     adapter = [torch.ones(2, 16, 4, 4), torch.ones(2, 32, 4, 4)]
@@ -163,7 +163,7 @@ def test_cache_survives_in_place_adds_t2i_adapter_path(clone):
 
 @torch.no_grad()
 def test_golden_reference_loop_ddpm_unet():
-    """A plain loop over a hand-split UNet2DModel encoder/decoder (spec §2.1) equals the hooked pipeline."""
+    """A plain loop over a hand-split UNet2DModel encoder/decoder equals the hooked pipeline."""
     pipe = _ddpm()
     keys = [0, 1, 4, 6]
     unet, sched = pipe.unet, pipe.scheduler

@@ -1,4 +1,4 @@
-"""HarmoniCa cache plans on the stock DiT / PixArt pipelines (spec §3, §5 R1-R3, R5; §6 tests 14-17, 21-22)."""
+"""HarmoniCa cache plans on the stock DiT / PixArt pipelines."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""HarmoniCa router training: soft forward, SDT gradients, IEPO weights, checkpoint/resume (spec §3.4-3.6, §6 15-20)."""
+"""HarmoniCa router training: soft forward, SDT gradients, IEPO weights, checkpoint/resume."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Key-step schedules (spec §2.3, §6 test 7) and the drift-chosen schedule."""
+"""Key-step schedules and the drift-chosen schedule."""
 
 import itertools
 

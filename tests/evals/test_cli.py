@@ -1,4 +1,4 @@
-"""`diffaccel fid` contract: JSON output, stats reuse, bad inputs with one-line errors and exit codes (spec §10.13)."""
+"""`diffaccel fid` contract: JSON output, stats reuse, bad inputs with one-line errors and exit codes."""
 
 from __future__ import annotations
 

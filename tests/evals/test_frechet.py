@@ -1,4 +1,4 @@
-"""Fréchet distance and streaming statistics (evals spec §10.1-10.4, 10.6)."""
+"""Fréchet distance and streaming statistics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resize modes, channel handling and folder decoding (evals spec §3)."""
+"""Resize modes, channel handling and folder decoding."""
 
 from __future__ import annotations
 

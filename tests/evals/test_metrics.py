@@ -1,4 +1,4 @@
-"""FID / KID / IS / CLIP score on the zoo digits (evals spec §10.2, 10.5, 10.8-10.11)."""
+"""FID / KID / IS / CLIP score on the zoo digits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`.npz` reference statistics (evals spec §6, §10.7)."""
+"""`.npz` reference statistics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Displaced (DistriFusion) and PCPP modes: fixed point, first-order error, PCPP special cases (spec 11, 6-9)."""
+"""Displaced (DistriFusion) and PCPP modes: fixed point, first-order error, PCPP special cases."""
 
 import pytest
 

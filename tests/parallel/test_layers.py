@@ -1,4 +1,4 @@
-"""Each layer rule on its own vs the unwrapped layer on the full tensor (spec section 11, layer tests 1-3)."""
+"""Each layer rule on its own vs the unwrapped layer on the full tensor."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Sync mode is exact (spec section 9), byte counts follow the closed forms (section 10), bad input fails clearly."""
+"""Sync mode is exact, byte counts follow the closed forms, bad input fails clearly."""
 
 import pytest
 

@@ -203,7 +203,7 @@ def test_s_pndm_is_plms_ldm_for_two_transitions_then_differs(x64):
 
 
 def test_original_pndm_mode_matches_diffusers_with_shifted_model_time(x64):
-    """alpha_index_shift=1 on the original grid == diffusers (steps_offset=1) with the model fed t - 1 (spec §1.5)."""
+    """alpha_index_shift=1 on the original grid == diffusers (steps_offset=1) with the model fed t - 1."""
     for method, skip in [("f-pndm", False), ("ddim", None)]:
         ours = PseudoNumericalScheduler(method=method, alpha_index_shift=1, timestep_spacing="pndm_uniform")
         if skip is None:

@@ -61,12 +61,12 @@ def x64() -> torch.Tensor:
 
 
 def ts_dpm_grid(steps: int) -> list[int]:
-    """The committed TS-DPM grid: [k + 1 for k in range(0, T, T // S)] without its largest element (spec §2.3 B)."""
+    """The committed TS-DPM grid: [k + 1 for k in range(0, T, T // S)] without its largest element."""
     return [k + 1 for k in range(0, T, T // steps)][:-1][::-1]
 
 
 def reference_ts(x, grid, model, window, cutoff, method):
-    """Independent re-statement of TS-DPM's target shift (spec §2.3 B) for DDIM, S-PNDM and F-PNDM, per sample.
+    """Independent re-statement of TS-DPM's target shift for DDIM, S-PNDM and F-PNDM, per sample.
 
     F-PNDM follows our documented drop-in deviation: PRK stage *model times* stay nominal, stage *targets* move
     (midpoint level floor((i + s) / 2), end level s)."""

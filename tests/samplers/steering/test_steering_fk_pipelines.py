@@ -1,5 +1,4 @@
-"""FKSteering on stock tiny pipelines (random-sd, random-dit): equivalences, guards, errors, counters (spec S1, S2,
-S8, S9, S13)."""
+"""FKSteering on stock tiny pipelines (random-sd, random-dit): equivalences, guards, errors, counters."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Potentials, the product condition and the reference-compatible weighting (spec steering.md §2.4, §3, S5, S7)."""
+"""Potentials, the product condition and the reference-compatible weighting."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Resamplers and log-weight numerics (spec steering.md S3, S4)."""
+"""Resamplers and log-weight numerics."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Reward protocol (spec steering.md §4, S12): float32 [N], batch = per-item, no grad, errors name the reward."""
+"""Reward protocol: float32 [N], batch = per-item, no grad, errors name the reward."""
 
 import pytest
 import torch

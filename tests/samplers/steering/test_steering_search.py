@@ -1,4 +1,4 @@
-"""Noise search on tiny stock pipelines (spec steering.md §6, S15): argmax, replay, neighbours, budgets."""
+"""Noise search on tiny stock pipelines: argmax, replay, neighbours, budgets."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""FK steering on a 1-D Gaussian-mixture diffusion with an analytic x̂0 (spec steering.md §8.1, tests S2, S6, S16).
+"""FK steering on a 1-D Gaussian-mixture diffusion with an analytic x̂0.
 
 Target: p(x) = 0.5·N(−2, 0.5²) + 0.5·N(2, 0.5²), r(x) = x, λ = 1. The tilted target p(x)·e^{λx} is again a mixture
 with weights ∝ exp(λμ + λ²σ²/2), so P(x > 0) = e⁴/(1+e⁴) ≈ 0.982. The test compares against the *self-consistent*
@@ -26,7 +26,7 @@ def scheduler() -> DDPMScheduler:
 
 
 def toy_eps(x: torch.Tensor, t, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """ε̂ from the exact posterior mean x̂0(x_t) of the two-component mixture (spec §8.1)."""
+    """ε̂ from the exact posterior mean x̂0(x_t) of the two-component mixture."""
     a = alphas_cumprod[int(t)].double()
     xd = x.double()
     var = a * S**2 + 1 - a
