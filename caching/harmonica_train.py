@@ -1,9 +1,9 @@
 """HarmoniCa router training: Step-wise Denoising Training (SDT) with the Image-Error-Proxy-guided Objective (IEPO).
 
-Huang et al., ICML 2025 (arXiv 2410.01723), §4 and spec §3.4-3.7. Image-free: only noise and class ids (DiT) or
+Huang et al., ICML 2025 (arXiv 2410.01723), §4. Image-free: only noise and class ids (DiT) or
 prompts (Flux).
 
-SDT (paper §4.1, spec §3.5): every trajectory starts from fresh noise, resets the unit caches, runs step 0 fully,
+SDT (paper §4.1): every trajectory starts from fresh noise, resets the unit caches, runs step 0 fully,
 and for s = 1..N-1 computes the teacher prediction ε_T = f(x_s) (no cache access), the student prediction ε_S with
 the soft forward of row s (y = r f + (1 - r) c, cache written with the blended value when r > τ), takes one AdamW
 step on Θ[s] for
@@ -12,7 +12,7 @@ step on Θ[s] for
 
 and advances x_{s+1} with the sampler using ε_S — the trajectory follows the cached model, as inference will.
 
-IEPO (paper §4.2, spec §3.6): λ_s is an image-error proxy, refreshed every `lambda_every` trajectories on the
+IEPO (paper §4.2): λ_s is an image-error proxy, refreshed every `lambda_every` trajectories on the
 current trajectory's noise and classes with no gradient. We implement both forms and default to the **released
 code's** incremental one, because it is what the published numbers were produced with: x_0^{[0]} = every row
 computing; x_0^{[s]} = soft router on rows 1..s, later rows computing;
@@ -28,7 +28,7 @@ units alike, so a router happily caches cheap attention units first).
 Ablations: `sdt=False` (Learning-to-Cache-like "prior timestep disregard": the trajectory follows the teacher and
 the cache holds the teacher's exact features of the previous step), `iepo=False` (λ_s ≡ 1, L2C's objective).
 
-CFG convention (spec §3.5 point 5): diffusers' `DiTPipeline` — guidance on all latent channels, at the guidance
+CFG convention: diffusers' `DiTPipeline` — guidance on all latent channels, at the guidance
 scale the plan will be used with (default 4.0 for `digits-dit`), `[cond; null]` rows with the null class 1000.
 `FluxPipeline` (a diffaccel extension; the paper trains DiT and PixArt): one row per image with the embedded
 guidance the model has (none for `digits-flux`); true CFG's second call is not trained. Training prompts play the
@@ -105,7 +105,7 @@ class TrainResult:
 
 
 class TrajectorySampler:
-    """The target pipeline's denoising loop with per-step control (spec §3.8), through its family adapter.
+    """The target pipeline's denoising loop with per-step control, through its family adapter.
 
     `DiTPipeline`: class labels, CFG rows `[cond; null]` and guidance on all latent channels, as the pipeline forms
     them. `FluxPipeline`: packed latents, prompts drawn from `prompts` (default: the zoo's digit captions, one per
@@ -185,7 +185,7 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def image_error_proxy(sampler: TrajectorySampler, state: Any, router: Router, x: torch.Tensor, cond: Any,
                       mode: str = "released") -> list[float]:
-    """λ_0..λ_{N-1} (λ_0 = 0, never used): N no-grad generations (module docstring, spec §3.6)."""
+    """λ_0..λ_{N-1} (λ_0 = 0, never used): N no-grad generations (module docstring)."""
     n = sampler.num_steps
     scores = router.scores().detach()
     lam = [0.0] * n
@@ -301,7 +301,7 @@ def train_router(pipe: Any, config: TrainConfig, *, checkpoint: str | os.PathLik
 def _trajectory(sampler: TrajectorySampler, state: Any, router: Router, opt: torch.optim.Optimizer, x: torch.Tensor,
                 cond: Any, weights: list[float], config: TrainConfig,
                 unit_cost: torch.Tensor | None = None) -> dict[str, float]:
-    """One SDT trajectory (or its no-SDT ablation): N-1 optimiser steps, one per row (spec §3.5)."""
+    """One SDT trajectory (or its no-SDT ablation): N-1 optimiser steps, one per row."""
     sched = sampler.fresh_scheduler()
     state.clear()
     totals = {"loss": 0.0, "mse": 0.0, "weighted_mse": 0.0, "reg": 0.0}

@@ -1,6 +1,6 @@
 """Training objectives of the distillation stages, in rectified-flow (RF) time.
 
-Convention (one place, spec §2): RF time `s` runs from `s = 0` (Gaussian noise `z0`) to `s = 1` (clean latent `z1`,
+Convention (one place): RF time `s` runs from `s = 0` (Gaussian noise `z0`) to `s = 1` (clean latent `z1`,
 already multiplied by the VAE scaling factor); `z_s = s·z1 + (1 − s)·z0` and the target velocity is `z1 − z0`
 (Liu et al. 2022, "Flow Straight and Fast", arXiv 2209.03003, Eq. 1). The UNet sees `τ(s) = 1000·(1 − s)`, so noise
 sits at τ = 1000 as in Stable Diffusion (the InstaFlow/2-RF checkpoints' convention, Liu et al. 2023, arXiv
@@ -23,7 +23,7 @@ ONE_STEP_LOSSES = ("l2", "features", "features+l2", "huber")
 
 
 def rf_time_to_unet_timestep(s: torch.Tensor | float) -> torch.Tensor:
-    """τ(s) = 1000·(1 − s): RF time 0 (noise) → UNet timestep 1000, RF time 1 (data) → 0 (spec §2.2)."""
+    """τ(s) = 1000·(1 − s): RF time 0 (noise) → UNet timestep 1000, RF time 1 (data) → 0."""
     s = torch.as_tensor(s, dtype=torch.float32)
     return UNET_TIME_SCALE * (1.0 - s)
 
@@ -74,7 +74,7 @@ def velocity(model: Callable, z: torch.Tensor, s: torch.Tensor | float, cond: to
 def rf_loss(model: Callable, z0: torch.Tensor, z1: torch.Tensor, cond: torch.Tensor | None, *,
             time_sampler: str = "uniform", eps: float = 1e-3, generator: torch.Generator | None = None,
             s: torch.Tensor | None = None) -> torch.Tensor:
-    """Rectified-flow regression E_s ‖v_θ(z_s, τ(s), c) − (z1 − z0)‖² (Liu et al. 2022, Eq. 1; spec §3.1).
+    """Rectified-flow regression E_s ‖v_θ(z_s, τ(s), c) − (z1 − z0)‖² (Liu et al. 2022, Eq. 1).
 
     Mean over latent elements and batch. `s` (one value per row) overrides the sampler, e.g. for the k-step
     variant."""
@@ -87,7 +87,7 @@ def rf_loss(model: Callable, z0: torch.Tensor, z1: torch.Tensor, cond: torch.Ten
 
 
 def one_step_prediction(student: Callable, z0: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """ẑ1 = z0 + v_φ(z0, τ = 1000 | c): one Euler step over the whole RF time interval (InstaFlow, spec §3.4)."""
+    """ẑ1 = z0 + v_φ(z0, τ = 1000 | c): one Euler step over the whole RF time interval (InstaFlow)."""
     return z0 + velocity(student, z0, 0.0, cond)
 
 

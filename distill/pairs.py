@@ -1,7 +1,7 @@
 """Reflow couplings (z0, z1, prompt) on disk: atomic shards, a manifest, per-index seeds, resume, corruption checks.
 
 Pair i uses noise z0 ~ N(0, I) drawn on the CPU from a generator seeded with `pair_seed(seed, i)` (a stable 64-bit
-hash), and prompt `prompts[i % len(prompts)]`; z1 = teacher(z0 | prompt) (spec §3.2). So pair i does not depend
+hash), and prompt `prompts[i % len(prompts)]`; z1 = teacher(z0 | prompt). So pair i does not depend
 on the shard size, the shard order or how many processes wrote the shards.
 
 Layout of a pairs folder::

@@ -27,7 +27,7 @@ class RectifiedFlowEulerScheduler(SchedulerMixin, ConfigMixin):
     """Euler steps in RF time: `timesteps` are the UNet times τ(s_i) for s_i = i/N, and `step` adds v·(s_{i+1} − s_i).
 
     Not interchangeable with diffusers' `FlowMatchEulerDiscreteScheduler`, which integrates σ = 1 − s downwards on
-    a model output of noise − x0 (the opposite sign, spec §2.3)."""
+    a model output of noise − x0 (the opposite sign)."""
 
     order = 1
 

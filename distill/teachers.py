@@ -1,7 +1,7 @@
 """Teachers: deterministic maps z0 → z1 (noise → clean latent) given prompts, used to make reflow couplings.
 
 A teacher must be a deterministic function of (z0, prompt, config): the coupling (z0, z1) is what reflow trains on
-(the "reflow" procedure of Liu et al. 2022, arXiv 2209.03003). Stochastic samplers are refused (spec §3.2).
+(the "reflow" procedure of Liu et al. 2022, arXiv 2209.03003). Stochastic samplers are refused.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class TeacherSampler(Protocol):
 
 
 def check_guidance(guidance_scale: float) -> float:
-    """Imagen-form guidance scale: w = 1 is off, w > 1 is CFG; w ≤ 0 is an error (spec §2.4)."""
+    """Imagen-form guidance scale: w = 1 is off, w > 1 is CFG; w ≤ 0 is an error."""
     w = float(guidance_scale)
     if not w > 0:
         raise TeacherError(f"teacher guidance scale must be > 0 (Imagen form: 1.0 = no guidance), got {w}")

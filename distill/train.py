@@ -13,7 +13,7 @@ objective table is not done yet.)
 Stages (InstaFlow, Liu et al. 2023, arXiv 2309.06380; Rectified Flow, Liu et al. 2022, arXiv 2209.03003):
 `pairs` writes teacher couplings (z0, z1 = ODE_teacher(z0 | c)); `reflow` trains a velocity UNet, initialised from
 the teacher, on E‖v(z_s, τ(s), c) − (z1 − z0)‖²; `one-step` distils a k-RF into ẑ1 = z0 + v(z0, τ = 1000, c);
-`guidance` trains LoRA adapters so that one conditional pass gives the CFG output (spec §3.5).
+`guidance` trains LoRA adapters so that one conditional pass gives the CFG output.
 
 Training is deterministic given --seed: the batch of optimiser step g and its random times are functions of
 (seed, g), so a run resumed from `checkpoint-<g>` (--resume_from_checkpoint latest) continues exactly as an

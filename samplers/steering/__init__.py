@@ -1,6 +1,6 @@
 """Inference-time scaling with a reward: FK steering (Singhal et al. 2025) and noise search (Ma et al. 2025).
 
-Spec: ``specs/steering.md``. `FKSteering(pipe, reward, FKConfig(...))` is called like the pipeline and returns all
+`FKSteering(pipe, reward, FKConfig(...))` is called like the pipeline and returns all
 particles with rewards, weights, ESS trace and NFE; `best_of_n`, `zero_order_search` and `path_search` search the
 sampler's noise under an NFE budget and return the winning noise. Rewards follow one protocol (`Reward`).
 """

@@ -4,13 +4,13 @@ Singhal et al. 2025, "A General Framework for Inference-time Scaling and Steerin
 k particles per prompt follow the model's own stochastic transitions; at resampling events each particle gets a
 potential G_j built from the reward of its predicted clean sample x̂0, and particles are re-drawn in proportion to
 their weights. With the product condition ``Π_j G_j = exp(λ·r(x0))`` the weighted particles target
-``p(x0 | c)·exp(λ·r(x0, c))`` (eq. 3). Spec: ``specs/steering.md``.
+``p(x0 | c)·exp(λ·r(x0, c))`` (eq. 3).
 
 Two drivers share `ParticleSystem` (weights) and the rewards:
 
 * `StableDiffusionPipeline` runs *stock*: particles are its ``num_images_per_prompt`` batch, an
   ``X0Recorder`` scheduler proxy keeps the step's ``pred_original_sample`` and ``callback_on_step_end`` scores it and
-  permutes ``latents`` within each prompt's block (spec §5.2).
+  permutes ``latents`` within each prompt's block.
 * `DiTPipeline` has no step callback and does not pass ``eta``/``generator`` to its scheduler, so it runs through
   `sample_fk`, our k-diffusion-style loop over the pipeline's own components (`core.families.DiTFamily`).
 """
@@ -41,7 +41,7 @@ _RESAMPLE_SEED_OFFSET = 0x5EED  # resampling stream derived from the diffusion s
 
 @dataclass
 class FKConfig:
-    """FK steering settings; defaults are the paper's image setting (spec §7) with a textbook SMC weighting.
+    """FK steering settings; defaults are the paper's image setting with a textbook SMC weighting.
 
     The resampling schedule is ``{start, start+every, …, ≤ end} ∪ {T−1}`` (or `resample_steps`). `resample_start`,
     `resample_every` and `resample_end` are fractions of the T steps when given as floats (the default 0.2, 0.2,
@@ -141,7 +141,7 @@ class SteeringOutput:
 
 # ------------------------------------------------------------------------------------------------- sampler guard
 def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
-    """FK needs fresh noise after each resampling, else copies never diverge (spec §2.8); and no per-row history."""
+    """FK needs fresh noise after each resampling, else copies never diverge; and no per-row history."""
     require_vp(scheduler, "FK steering")
     if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
         return
@@ -160,7 +160,7 @@ def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------------- x̂0 recorder
 def predict_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-    """x̂0 from the model output for DDPM-type schedulers (spec §2.3): ε, v or sample prediction."""
+    """x̂0 from the model output for DDPM-type schedulers: ε, v or sample prediction."""
     require_vp(scheduler, "FK steering's x0 prediction")
     a = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
     kind = scheduler.config.get("prediction_type", "epsilon")
@@ -174,7 +174,7 @@ def predict_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.Te
 
 
 class X0Recorder:
-    """A transparent scheduler proxy that remembers the last step's ``pred_original_sample`` (spec §5.2)."""
+    """A transparent scheduler proxy that remembers the last step's ``pred_original_sample``."""
 
     def __init__(self, scheduler) -> None:
         self.__dict__["_inner"] = scheduler

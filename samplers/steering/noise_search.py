@@ -1,4 +1,4 @@
-"""Noise search: inference-time scaling by searching the sampler's noise (Ma et al. 2025, §3.2; spec §6).
+"""Noise search: inference-time scaling by searching the sampler's noise (Ma et al. 2025, §3.2).
 
 Three algorithms share the reward/verifier protocol and NFE accounting, and run a *deterministic* sampler (DDIM
 with eta = 0, any ODE scheduler) so that the returned noise reproduces the winning image:

@@ -1,4 +1,4 @@
-"""Feynman–Kac potentials and particle weights across resampling events (Singhal et al. 2025, §3; spec §2.4–2.7, §3).
+"""Feynman–Kac potentials and particle weights across resampling events (Singhal et al. 2025, §3).
 
 `ParticleSystem` owns everything about the particles except their pixels: log-weights, the per-particle running
 state of the potential (previous reward / running max / running sum), the log of the potentials applied along each
@@ -8,7 +8,7 @@ resampling step and applies the returned ancestor indices to its own tensors.
 Textbook mode (default) is standard SMC: log-weights accumulate across events, the final event divides out what the
 ancestry already received so that the product of potentials along every path is ``exp(λ·r(x0))`` (the product
 condition; Singhal et al. eq. 5), and the tilted target ``p(x0)·exp(λ·r(x0))`` is reached as k → ∞.
-``compat="reference"`` reproduces the reference implementation's weighting (spec §3) for cross-checks.
+``compat="reference"`` reproduces the reference implementation's weighting for cross-checks.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ REFERENCE_WEIGHT_CLAMP = 1e10  # the reference clamps exp(A) to [0, 1e10]
 
 def resampling_events(num_steps: int, every: int, start: int, end: int | None, potential: str = "max",
                       steps: list[int] | tuple[int, ...] | None = None) -> list[int]:
-    """Event step indices ``{start, start+every, …, ≤ end} ∪ {T−1}`` counting up from the noisiest step (spec §2.7).
+    """Event step indices ``{start, start+every, …, ≤ end} ∪ {T−1}`` counting up from the noisiest step.
 
     `steps` overrides the arithmetic schedule. `bon`/`is` have only the final event. Steps outside ``[0, T−1]``
     raise: a silently dropped event would change the target.
@@ -82,7 +82,7 @@ class ParticleSystem:
         if self.compat not in ("textbook", "reference"):
             raise InputError(f"compat must be 'textbook' or 'reference', got {self.compat!r}")
         floor = self.reward_floor
-        if floor is None:  # spec §2.4: −inf for max (first event uses r_1), 0 otherwise; the reference uses 0.0
+        if floor is None:  # −inf for max (first event uses r_1), 0 otherwise; the reference uses 0.0
             floor = float("-inf") if self.potential == "max" and self.compat == "textbook" else 0.0
         if self.potential == "diff" and not torch.isfinite(torch.tensor(floor)):
             raise InputError("reward_floor must be finite for the 'diff' potential")
@@ -98,7 +98,8 @@ class ParticleSystem:
         return torch.zeros_like(x) if self.lmbda == 0 else self.lmbda * x
 
     def _log_potential(self, r: torch.Tensor, final: bool) -> torch.Tensor:
-        """``A_j`` of spec §2.4; updates the running state. Returns the value the potential is built on at final."""
+        """The accumulated potential ``A_j``; updates the running state. Returns the value the potential is built on
+        at final."""
         p = self.potential
         if p == "bon":
             return torch.where(r == r.max(dim=1, keepdim=True).values, 0.0, float("-inf"))
@@ -117,7 +118,7 @@ class ParticleSystem:
         if not final:
             return self._scale(self.running)
         # final correction: λ·r_J − Σ_{i<J} A_i restores the product condition (the reference keeps its candidate
-        # value — running max / running sum — here instead of r_J; spec §3 / report).
+        # value — running max / running sum — here instead of r_J).
         target = self.running if self.compat == "reference" else r
         return self._scale(target) - self.acc
 

@@ -1,4 +1,4 @@
-"""Log-space particle weights, effective sample size and the four classic resamplers (spec steering.md §2.5–2.6).
+"""Log-space particle weights, effective sample size and the four classic resamplers.
 
 Everything works on grouped log-weights ``[B, k]`` (B prompt groups of k particles) and returns ancestor indices
 ``[B, k]`` that stay inside their group. Reductions run in float64; raw log-weights are never exponentiated
@@ -42,7 +42,7 @@ def normalize_log_weights(log_weights: torch.Tensor, warn: bool = True) -> torch
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
-    """``ESS = 1/Σŵ² = exp(2·LSE(logw) − LSE(2·logw))`` per group, in [1, k] (spec §2.5)."""
+    """``ESS = 1/Σŵ² = exp(2·LSE(logw) − LSE(2·logw))`` per group, in [1, k]."""
     lw = normalize_log_weights(log_weights, warn=False)
     return torch.exp(-torch.logsumexp(2 * lw, dim=1)).clamp(1.0, lw.shape[1])
 

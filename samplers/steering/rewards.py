@@ -1,6 +1,6 @@
 """Rewards (verifiers) for steering and search: images or latents + prompts -> float32 ``[N]``, higher is better.
 
-Protocol (spec steering.md §4): a reward has a `name`, an `input_kind` (``"tensor01"``: float NCHW images in [0, 1]
+Protocol: a reward has a `name`, an `input_kind` (``"tensor01"``: float NCHW images in [0, 1]
 exactly as the pipeline would return them, or ``"latent"``: the raw latents) and is called as
 ``reward(images, prompts)``. It runs under ``torch.no_grad()``, returns one value per item and batch results equal
 per-item results. `check_rewards` enforces the output contract and names the offending reward.
@@ -171,7 +171,7 @@ class CallableReward(BaseReward):
 
 
 class ConstantReward(BaseReward):
-    """``r ≡ c``: FK with it must reduce to independent sampling (spec S2)."""
+    """``r ≡ c``: FK with it must reduce to independent sampling."""
 
     def __init__(self, value: float = 0.0) -> None:
         super().__init__(None)
