@@ -80,7 +80,7 @@ def test_features_loss_target_branch_has_no_graph():
 
 
 def test_one_euler_step_lands_on_target_and_flow_match_sign():
-    """Spec T3: our scheduler lands on z1 for the oracle velocity; diffusers' flow-match scheduler needs the sign
+    """Our scheduler lands on z1 for the oracle velocity; diffusers' flow-match scheduler needs the sign
     flip (its model output is noise − x0), and without it lands on the mirror point 2·z0 − z1."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -104,7 +104,7 @@ def test_one_euler_step_lands_on_target_and_flow_match_sign():
 
 
 def test_guidance_lora_starts_at_conditional_output_and_trains_only_adapters():
-    """Spec T12 on the tiny random SD UNet: zero-init B gives the base conditional output; only LoRA parameters
+    """On the tiny random SD UNet: zero-init B gives the base conditional output; only LoRA parameters
     require grad; one UNet instance serves as teacher (adapters off) and student; a short fit approaches ε_w."""
     from diffaccel import zoo
     from diffaccel.distill.objectives import guided_output, predict

@@ -43,7 +43,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- tiny models
 def tiny_unet(dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Spec section 11's fixture: 2 levels (32, 64), cross-attention, random GroupNorm affine parameters."""
+    """The layer tests' fixture: 2 levels (32, 64), cross-attention, random GroupNorm affine parameters."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -323,7 +323,7 @@ def layer_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[str, An
 
 def expected_bytes(shapes, full_hw: tuple[int, int], n: int, r: int, mode: str, phase: str, f: float,
                    elt: int) -> dict[str, int]:
-    """Spec section 10 closed forms, per layer, for rank r (interior ranks send both ways, edge ranks one way).
+    """Closed-form bytes, per layer, for rank r (interior ranks send both ways, edge ranks one way).
     Halo rows: 1 above and 1 below for 3x3 stride-1 convs, 1 above and none below for stride 2."""
     H, W = full_hw
     exp = dict.fromkeys(("attn_kv", "conv_halo", "gn_stats", "output"), 0)
@@ -678,7 +678,7 @@ def scenario_zoo_errors(rank: int, world: int) -> dict[str, Any]:
 
 def mmdit_expected_bytes(model: nn.Module, kwargs: dict[str, Any], n: int, r: int, mode: str, phase: str,
                          f: float, elt: int) -> dict[str, int]:
-    """Spec section 10 closed forms for an MMDiT: image K/V only (text K/V never travel), per attention layer;
+    """Closed-form bytes for an MMDiT: image K/V only (text K/V never travel), per attention layer;
     output gather of the rank's tokens. `grid` = (token rows, token columns) of the whole image."""
     x = kwargs["hidden_states"]
     B = x.shape[0]
