@@ -32,6 +32,7 @@ from diffaccel.caching import (
 )
 from diffaccel.core.flops import flop_counter
 from diffaccel.core.timing import log
+from diffaccel.samplers.loop import sample
 from diffusers import DDIMScheduler
 
 
@@ -48,13 +49,13 @@ def schedule_for(name: str, steps: int) -> str:
 
 @torch.no_grad()
 def denoise(unet, scheduler, x0: torch.Tensor, cond: dict, steps: int) -> torch.Tensor:
-    """A stock diffusers-style sampling loop: one UNet call and one `scheduler.step` per step."""
+    """A stock diffusers-style sampling loop (`samplers.loop.sample`): one UNet call and one `scheduler.step` a step."""
     scheduler.set_timesteps(steps)
-    x = x0 * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = unet(scheduler.scale_model_input(x, t), t, **cond).sample
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(scheduler.scale_model_input(x, t), t, **cond).sample
+
+    return sample(model, x0 * scheduler.init_noise_sigma, scheduler.timesteps, scheduler=scheduler)
 
 
 @torch.no_grad()

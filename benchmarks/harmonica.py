@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffaccel import zoo
@@ -43,6 +44,7 @@ from diffaccel.caching import (
 )
 from diffaccel.caching.harmonica import example_inputs, plan_flops_ratio, resample_plan, unit_flops
 from diffaccel.core.timing import log
+from diffaccel.samplers.loop import sample
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 20
@@ -122,13 +124,17 @@ def cmd_quality(args: argparse.Namespace) -> None:
 def xl_loop(transformer, scheduler, x: torch.Tensor, label: torch.Tensor, times: list[float] | None = None) -> float:
     """One 20-step DDIM loop of the transformer (no VAE, no CFG); returns seconds (per-call seconds into `times`)."""
     scheduler.set_timesteps(STEPS)
+    started = [0.0]  # start of the current step: its model call plus its scheduler step go into `times`
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        started[0] = time.perf_counter()
+        return transformer(x, timestep=t.reshape(1), class_labels=label).sample[:, :4]
+
+    def step_time(info: dict[str, Any]) -> None:
+        times.append(time.perf_counter() - started[0])
+
     t0 = time.perf_counter()
-    for t in scheduler.timesteps:
-        t1 = time.perf_counter()
-        out = transformer(x, timestep=t.reshape(1), class_labels=label).sample
-        x = scheduler.step(out[:, :4], t, x).prev_sample
-        if times is not None:
-            times.append(time.perf_counter() - t1)
+    sample(model, x, scheduler.timesteps, callback=None if times is None else step_time, scheduler=scheduler)
     return time.perf_counter() - t0
 
 

@@ -7,7 +7,8 @@
 dict with the documented keys below and may return a replacement for ``x`` (FK steering resamples particles this
 way). FK steering (`steering.fk.sample_fk`), noise search (`steering.noise_search`) and router training
 (`caching.harmonica_train.generate`) and the Time-Shift paper loop (`samplers.time_shift.sample_time_shift_paper`,
-whose step object also picks the per-sample model time of the next step) use it.
+whose step object also picks the per-sample model time of the next step) use it, as do the benchmarks' bare
+denoiser loops (`benchmarks/caching_speed.py`, `benchmarks/harmonica.py`).
 """
 
 from __future__ import annotations
