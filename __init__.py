@@ -21,7 +21,7 @@ _EXPORTS = {
     "accelerate": "protocol", "parse_recipe": "protocol", "format_recipe": "protocol", "CompositionError": "protocol",
     "Sampler": "protocol", "TimeShift": "protocol", "EncoderPropagation": "protocol", "HarmoniCa": "protocol",
     "FORA": "protocol", "FKSteering": "protocol", "BestOfN": "protocol", "PatchParallel": "protocol",
-    "OneStep": "protocol",
+    "OneStep": "protocol", "FirstBlockCache": "protocol", "TaylorSeer": "protocol", "MagCache": "protocol",
     # samplers
     "PseudoNumericalScheduler": "samplers", "TimeShiftScheduler": "samplers", "FKConfig": "samplers",
     "best_of_n": "samplers",

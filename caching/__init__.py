@@ -23,6 +23,7 @@ from .branch_reuse import (
     remove_branch_reuse,
     shipped_unet_plans,
 )
+from .diffusers_caches import apply_diffusers_cache, remove_diffusers_cache
 from .encoder_propagation import (
     CONTROLNET_HOOK,
     DENOISER_HOOK,
@@ -63,6 +64,8 @@ from .key_steps import (
 from .session import CachedPipeline, cached_call
 
 __all__ = [
+    "apply_diffusers_cache",
+    "remove_diffusers_cache",
     "BranchReusePlan",
     "apply_branch_reuse",
     "branch_plan",

@@ -427,10 +427,11 @@ class Calibrator:
                 self.detach()
         return float(c.get_total_flops())
 
-    def max_speedup(self) -> float:
-        """The whole-call FLOPs ratio of the cheapest plan (row 0 full, every other row the cheapest kind)."""
+    def max_speedup(self, basis: str = "call") -> float:
+        """The FLOPs ratio of the cheapest plan (row 0 full, every other row the cheapest kind): of the whole call,
+        or (basis "denoiser") of the denoiser calls only."""
         unet = self.full_cost + (self.steps - 1) * float(self.costs.min())
-        return self.f_plain / (self.other + unet)
+        return self.unet_total / unet if basis == "denoiser" else self.f_plain / (self.other + unet)
 
     def _plan_from(self, rows: list[int], meta: dict[str, str]) -> Any:
         ones = torch.ones_like(next(iter(self.kinds.values())))
@@ -439,18 +440,26 @@ class Calibrator:
         return self.make_plan(mask, {**meta, "rows": ",".join(names)})
 
     @torch.no_grad()
-    def check(self, target: float) -> tuple[Any, CalibrationReport]:
-        """The DP plan for a whole-call FLOPs ratio >= `target`, sampled on the calibration images and measured."""
+    def check(self, target: float, *, basis: str = "call") -> tuple[Any, CalibrationReport]:
+        """The DP plan for a FLOPs ratio >= `target`, sampled on the calibration images and measured. `basis`:
+        "call" — the whole pipeline call (text encoder, VAE included: what a user sees); "denoiser" — the denoiser
+        calls only (how cache papers compare, e.g. FORA's or HarmoniCa's compute ratios)."""
         from ..core import pipeline_output_to_uint8
         from ..evals.paired import paired_fidelity
 
         if target < 1.0:
             raise ValueError(f"target speed-up must be >= 1, got {target}")
-        if target > self.max_speedup() * (1 + 1e-9):
-            raise ValueError(f"target speed-up {target:.3f} is beyond the cheapest plan's {self.max_speedup():.3f}")
-        denoiser_budget = self.f_plain / target - self.other  # the denoiser FLOPs the plan may spend
-        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost,
-                              self.unet_total / denoiser_budget if target > 1 else 1.0)
+        cheapest = self.max_speedup(basis)
+        if target > cheapest * (1 + 1e-9):
+            raise ValueError(f"target speed-up {target:.3f} is beyond the cheapest plan's {cheapest:.3f}")
+        if basis == "denoiser":
+            ratio = target
+        elif basis == "call":
+            denoiser_budget = self.f_plain / target - self.other  # the denoiser FLOPs the plan may spend
+            ratio = self.unet_total / denoiser_budget if target > 1 else 1.0
+        else:
+            raise ValueError(f"basis must be 'call' or 'denoiser', got {basis!r}")
+        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost, ratio)
         plan = self._plan_from(rows, {
             "kind": "calibrated", "target_speedup": f"{target:.4f}", "steps": str(self.steps),
             "guidance_scale": str(self.guidance_scale), "calibration_seed": str(self.seed),
@@ -513,8 +522,11 @@ class UNetCalibrator(Calibrator):
 
 
 class DiTCalibrator(Calibrator):
-    """Cache plans (`caching.CachePlan`, HarmoniCa's format) for DiT pipelines: per step, reuse every unit (FORA's
-    row), only the attention units, only the feed-forward units, or none."""
+    """Cache plans (`caching.CachePlan`, HarmoniCa's format) for DiT pipelines. Row kinds per step: reuse every
+    unit (FORA's row), only the attention units, only the feed-forward units; and by depth, `shallow<d>` (compute
+    blocks 0..d-1, reuse the deeper ones) and `deep<d>` (reuse blocks 0..d-1, compute the deeper ones) — how much
+    a block's output changes between steps depends on its depth (Ma et al., *Learning-to-Cache*, NeurIPS 2024,
+    Fig. 2), so the choice is left to the measured errors."""
 
     cond_key = "class_labels"
 
@@ -522,9 +534,15 @@ class DiTCalibrator(Calibrator):
         from .harmonica import unit_modules
 
         names = [n for n, _ in unit_modules(self.model)]
-        return {"reuse-all": torch.zeros(len(names), dtype=torch.bool),
-                "reuse-attn": torch.tensor([not n.endswith((".attn1", ".attn2")) for n in names]),
-                "reuse-ff": torch.tensor([not n.endswith(".ff") for n in names])}
+        block = [int(n.split(".")[1]) for n in names]
+        depth = max(block) + 1
+        kinds = {"reuse-all": torch.zeros(len(names), dtype=torch.bool),
+                 "reuse-attn": torch.tensor([not n.endswith((".attn1", ".attn2")) for n in names]),
+                 "reuse-ff": torch.tensor([not n.endswith(".ff") for n in names])}
+        for d in range(1, depth):
+            kinds[f"shallow{d}"] = torch.tensor([b < d for b in block])
+            kinds[f"deep{d}"] = torch.tensor([b >= d for b in block])
+        return kinds
 
     def make_plan(self, mask: torch.Tensor, meta: dict[str, str]):
         from .harmonica import CachePlan

@@ -10,7 +10,7 @@ See `protocol.recipe` for the recipe grammar and `protocol.base` for the order, 
 """
 
 from .base import AccelerationHandle, CompositionError, Method, Stage, accelerate, check
-from .caches import FORA, EncoderPropagation, HarmoniCa
+from .caches import FORA, EncoderPropagation, FirstBlockCache, HarmoniCa, MagCache, TaylorSeer
 from .events import CallEvents
 from .models import OneStep, PatchParallel
 from .recipe import REGISTRY, format_recipe, parse_method, parse_recipe
@@ -27,13 +27,16 @@ __all__ = [
     "CompositionError",
     "EncoderPropagation",
     "FKSteering",
+    "FirstBlockCache",
     "HarmoniCa",
+    "MagCache",
     "Method",
     "OneStep",
     "PatchParallel",
     "Sampler",
     "SearchResults",
     "Stage",
+    "TaylorSeer",
     "TimeShift",
     "accelerate",
     "check",

@@ -1,4 +1,5 @@
-"""Feature-cache methods: `EncoderPropagation` (UNets), `HarmoniCa` and `FORA` (DiT / PixArt transformers).
+"""Feature-cache methods: `EncoderPropagation` (UNets), `HarmoniCa` and `FORA` (DiT / PixArt / MMDiT
+transformers), and diffusers' own caches as baselines (`FirstBlockCache`, `TaylorSeer`, `MagCache`).
 
 All three are hooks on the stock denoiser (`caching/`); the protocol adds what `cached_call` used to do around each
 call: every generation starts with empty caches (the `CallEvents` reset at ``set_timesteps``), and encoder
@@ -223,3 +224,124 @@ class FORA(_TransformerCache, name="fora"):
         n = _distinct_steps(pipe, ctx.find(Sampler), self.steps)
         units = len(unit_modules(find_denoiser(pipe)))
         self.attach(pipe, ctx, fora_plan(n, units, self.interval, model=pipe))
+
+
+class _DiffusersCache(Method, slot="cache", stage=Stage.CACHE, uses_events=True):
+    """One of diffusers' own caches through `caching.diffusers_caches` (which provides the cache context that
+    `DiTPipeline` / `PixArtAlphaPipeline` do not open): a baseline to compare diffaccel's caches against."""
+
+    def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        denoiser = find_denoiser(pipe)
+        blocks = getattr(denoiser, "transformer_blocks", None)
+        if blocks is None or len(blocks) == 0:
+            raise CompositionError(f"{self} hooks transformer blocks, but {type(pipe).__name__}'s denoiser is "
+                                   f"{type(denoiser).__name__}; use ep for UNets")
+
+    def config(self, pipe: Any, ctx: ApplyContext) -> Any:
+        raise NotImplementedError
+
+    def apply(self, pipe: Any, ctx: ApplyContext) -> None:
+        from ..caching.diffusers_caches import apply_diffusers_cache, remove_diffusers_cache
+
+        apply_diffusers_cache(pipe, self.config(pipe, ctx))
+        ctx.on_remove(lambda: remove_diffusers_cache(pipe))
+
+
+def _unit_patterns(pipe: Any) -> list[str] | None:
+    """TaylorSeer's module patterns on diffaccel's cache units (diffusers' defaults match Flux / SD3 names only)."""
+    import re
+
+    from diffusers.models.cache_utils import CacheMixin
+
+    from ..caching.harmonica import unit_modules
+
+    denoiser = find_denoiser(pipe)
+    if isinstance(denoiser, CacheMixin):
+        return None  # diffusers' own patterns are written for these models
+    try:
+        names = [n for n, _ in unit_modules(denoiser)]
+    except (TypeError, ValueError):
+        return None
+    return sorted({re.escape(re.sub(r"\.\d+\.", ".@.", n)).replace("@", r"\d+") for n in names})
+
+
+@dataclass(frozen=True)
+class FirstBlockCache(_DiffusersCache, name="fbc", aliases=("first-block-cache",)):
+    """diffusers' FirstBlockCache: the later blocks are skipped while the first block's residual changes by less
+    than `threshold` (relative L1) since the last computed step."""
+
+    threshold: float = 0.1
+
+    def args(self) -> list[str]:
+        return [f"{self.threshold:g}"]
+
+    @classmethod
+    def from_args(cls, name: str, at: int | None, args: list[str]) -> FirstBlockCache:
+        return cls(**parse_args(name, args, {}, positional=[("threshold", float)]))
+
+    def config(self, pipe: Any, ctx: ApplyContext) -> Any:
+        from diffusers import FirstBlockCacheConfig
+
+        return FirstBlockCacheConfig(threshold=self.threshold)
+
+
+@dataclass(frozen=True)
+class TaylorSeer(_DiffusersCache, name="taylorseer"):
+    """diffusers' TaylorSeer (Liu et al. 2025): units computed every `interval`-th step after `warmup` full steps,
+    forecast by a Taylor expansion in between; on DiT / PixArt the units are diffaccel's cache units."""
+
+    interval: int = 2
+    warmup: int = 1
+
+    def args(self) -> list[str]:
+        return [str(self.interval)] + ([f"warmup={self.warmup}"] if self.warmup != 1 else [])
+
+    @classmethod
+    def from_args(cls, name: str, at: int | None, args: list[str]) -> TaylorSeer:
+        return cls(**parse_args(name, args, {"warmup": ("warmup", int)}, positional=[("interval", int)]))
+
+    def config(self, pipe: Any, ctx: ApplyContext) -> Any:
+        from diffusers import TaylorSeerCacheConfig
+
+        return TaylorSeerCacheConfig(cache_interval=self.interval, disable_cache_before_step=self.warmup,
+                                     cache_identifiers=_unit_patterns(pipe))
+
+
+@dataclass(frozen=True)
+class MagCache(_DiffusersCache, name="magcache"):
+    """diffusers' MagCache (Ma et al. 2025): steps are skipped while the accumulated magnitude-ratio error stays
+    under `threshold`. Its per-step ratios are calibrated when the recipe is applied, by one generation of one
+    image (seed 10000) at the recipe's step count, as diffusers documents."""
+
+    threshold: float = 0.1
+    steps: int | None = None
+
+    def args(self) -> list[str]:
+        return [f"{self.threshold:g}"] + ([f"steps={self.steps}"] if self.steps is not None else [])
+
+    @classmethod
+    def from_args(cls, name: str, at: int | None, args: list[str]) -> MagCache:
+        return cls(**parse_args(name, args, {"steps": ("steps", int)}, positional=[("threshold", float)]))
+
+    def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        super().check(pipe, family, recipe)
+        sampler = next((m for m in recipe if isinstance(m, Sampler)), None)
+        if self.steps is None and (sampler is None or sampler.num_inference_steps is None):
+            raise CompositionError(f"{self} calibrates for a step count: add a sampler with @nfe "
+                                   "(e.g. ddim@20 + magcache:0.1) or give steps=")
+
+    def config(self, pipe: Any, ctx: ApplyContext) -> Any:
+        from diffusers import MagCacheConfig
+
+        from ..caching.diffusers_caches import calibrate_mag_ratios
+        from ..core import make_generators
+        from ..core.families import family_for
+
+        sampler = ctx.find(Sampler)
+        steps = self.steps if self.steps is not None else sampler.num_inference_steps
+        family = family_for(pipe)
+        cond = {"class": 0, "text": "a photo"}.get(family.conditioning_kind)
+        kw = family.call_kwargs(cond, 1, steps)
+        kw.pop("num_inference_steps")
+        ratios = calibrate_mag_ratios(pipe, steps, generator=make_generators(10_000, 1), **kw)
+        return MagCacheConfig(threshold=self.threshold, num_inference_steps=steps, mag_ratios=ratios)

@@ -22,6 +22,10 @@ ep                  key steps, ``parallel``, ``noise=off|a/tau``,          ``ep:
                     ``max-parallel=``
 harmonica           plan name or file, ``force``                           ``harmonica:digits-dit-20-harmonica-b1``
 fora                interval, ``steps=``                                   ``ddim@20 + fora:2``
+fbc                 threshold (diffusers FirstBlockCache)                  ``ddim@20 + fbc:0.1``
+taylorseer          interval, ``warmup=`` (diffusers TaylorSeer)           ``ddim@20 + taylorseer:2``
+magcache            threshold, ``steps=`` (diffusers MagCache; ratios      ``ddim@20 + magcache:0.25``
+                    calibrated on apply)
 fk                  k, ``potential= every= start= end= lambda= eta=``,     ``ddim@10 + fk:4:every=2:start=2:end=9``
                     ``reward=classifier|clip|compressibility``
 best-of-n (bon)     n, ``reward=``, ``eta=``                               ``ddim@10 + best-of-n:4``
@@ -40,13 +44,13 @@ import re
 from collections.abc import Iterable
 
 from .base import Method, Stage
-from .caches import FORA, EncoderPropagation, HarmoniCa
+from .caches import FORA, EncoderPropagation, FirstBlockCache, HarmoniCa, MagCache, TaylorSeer
 from .models import OneStep, PatchParallel
 from .samplers import SAMPLERS, Sampler, TimeShift
 from .steering import BestOfN, FKSteering
 
-METHOD_TYPES: tuple[type[Method], ...] = (TimeShift, EncoderPropagation, HarmoniCa, FORA, FKSteering, BestOfN,
-                                          PatchParallel, OneStep)
+METHOD_TYPES: tuple[type[Method], ...] = (TimeShift, EncoderPropagation, HarmoniCa, FORA, FirstBlockCache, TaylorSeer,
+                                          MagCache, FKSteering, BestOfN, PatchParallel, OneStep)
 #: recipe name -> method class (sampler names all map to `Sampler`)
 REGISTRY: dict[str, type[Method]] = {name: Sampler for name in SAMPLERS}
 for _cls in METHOD_TYPES:

@@ -36,11 +36,12 @@ def example_inputs(transformer: nn.Module, batch: int = 2, height: int | None = 
 
 @torch.no_grad()
 def unit_flops(transformer: nn.Module, **inputs: Any) -> tuple[int, list[int]]:
-    """FLOPs of one transformer call and of each unit within it (torch `FlopCounterMode`: matmuls, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one transformer call and of each unit within it (`core.flops.flop_counter`: matmuls, attention
+    including the CPU attention kernel torch's counter has no formula for)."""
+    from ...core.flops import flop_counter
 
     inputs = inputs or example_inputs(transformer)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         transformer(**inputs)
     counts = counter.get_flop_counts()
     prefix = type(transformer).__name__

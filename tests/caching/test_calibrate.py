@@ -90,3 +90,24 @@ def test_dit_calibration_plan_and_cli(tmp_path, capsys):
     assert rep["measured_flops_ratio"] >= 1.2 * 0.99  # the tiny DiT: VAE decoding caps the ratio near 1.3
     plan = CachePlan.load(out)
     assert plan.num_steps == 6 and bool(plan.mask[0].all()) and plan.metadata["model"] == "random-dit"
+
+
+def test_dit_depth_row_kinds_and_the_denoiser_basis():
+    """Depth splits are complementary row kinds; a denoiser-basis target is met by the modelled denoiser ratio
+    (FORA-2's ratio here), which is above the whole-call ratio (the VAE always runs)."""
+    from diffaccel.caching.calibrate import DiTCalibrator
+    from zoo_pipes import quiet_pipeline
+
+    cal = DiTCalibrator(quiet_pipeline("random-dit"), [1, 7], num_inference_steps=6, guidance_scale=4.0,
+                        num_images=2, max_age=2)
+    depth = len(cal.model.transformer_blocks)
+    assert {f"shallow{d}" for d in range(1, depth)} <= set(cal.names)
+    for d in range(1, depth):
+        assert bool((cal.kinds[f"shallow{d}"] ^ cal.kinds[f"deep{d}"]).all())
+    fora2 = [-1 if s % 2 == 0 else cal.names.index("reuse-all") for s in range(6)]
+    target = rows_ratio(fora2, cal.costs, cal.full_cost)
+    plan, rep = cal.check(target, basis="denoiser")
+    assert rep.modelled_flops_ratio >= target * (1 - 1e-12)
+    assert 1.0 < rep.measured_flops_ratio < rep.modelled_flops_ratio
+    with pytest.raises(ValueError, match="basis"):
+        cal.check(1.1, basis="wall")

@@ -11,11 +11,14 @@ from diffaccel import (
     BestOfN,
     CompositionError,
     EncoderPropagation,
+    FirstBlockCache,
     FKSteering,
     HarmoniCa,
+    MagCache,
     OneStep,
     PatchParallel,
     Sampler,
+    TaylorSeer,
     TimeShift,
     accelerate,
     format_recipe,
@@ -68,6 +71,7 @@ def hooked_modules(pipe) -> list[str]:
     ("digits-sd", "s-pndm@10 + ep:uniform-3:parallel", 10),
     ("digits-dit", "ddim@20:grid=model + time-shift + harmonica:digits-dit-20-harmonica-b1", 20),
     ("digits-sd", "one-step:digits-sd-onestep", 1),
+    ("digits-dit", "ddim@10 + magcache:0.25", 10),
 ])
 def test_remove_restores_the_loaded_pipeline(model, recipe, steps):
     pipe, plain = fresh(model), fresh(model)
@@ -133,6 +137,10 @@ def test_refusal_of_a_family_mismatch():
         accelerate(fresh("digits-sd"), HarmoniCa())
     with pytest.raises(CompositionError, match="one-step.*'dit' family"):
         accelerate(fresh("digits-dit"), OneStep())
+    with pytest.raises(CompositionError, match="fbc:0.1 hooks transformer blocks.*UNet2DConditionModel"):
+        accelerate(fresh("digits-sd"), "ddim@10 + fbc:0.1")
+    with pytest.raises(CompositionError, match="magcache:0.1 calibrates for a step count"):
+        accelerate(fresh("digits-dit"), "magcache:0.1")
 
 
 def test_patch_parallel_check_knows_which_denoisers_it_can_split():
@@ -160,6 +168,9 @@ def test_patch_parallel_check_knows_which_denoisers_it_can_split():
     (PatchParallel("sync"), Sampler("unipc", 5)),
     (PatchParallel("pcpp", warmup_steps=2, cfg_parallel=True, pcpp_fraction=0.25),),
     (OneStep("digits-sd-onestep"), BestOfN(2)),
+    (Sampler("ddim", 20), FirstBlockCache(0.2)),
+    (Sampler("ddim", 10), TaylorSeer(3, warmup=2)),
+    (MagCache(0.25, steps=20),),
 ])
 def test_recipe_string_round_trip(methods):
     text = format_recipe(methods)
@@ -192,7 +203,8 @@ def generate(model: str, recipe: str, **kw):
                  **kw)
 
 
-@pytest.mark.parametrize("model, cache", [("digits-dit", "fora:1"), ("digits-sd", "ep:all:noise=off")])
+@pytest.mark.parametrize("model, cache", [("digits-dit", "fora:1"), ("digits-sd", "ep:all:noise=off"),
+                                          ("digits-dit", "fbc:0")])
 @pytest.mark.parametrize("sampler", ["ddim@8", "s-pndm@8", "dpm++2m@8 + time-shift"])
 def test_all_compute_cache_with_any_sampler_equals_the_sampler_alone(model, cache, sampler):
     """A cache that computes everything is the identity: exact equality with the sampler alone."""
