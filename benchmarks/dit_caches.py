@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-images", type=int, default=16)
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--fora", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--search", nargs="*", default=["dp", "greedy"], choices=["dp", "greedy"],
+                    help="how calibrated plans are chosen (caching.calibrate: error model + DP, or greedy sampling)")
+    ap.add_argument("--calibrate-forecast", type=int, nargs="*", default=[0, 1],
+                    help="calibrate plans without (0) and with (1) the order-1 forecast")
     ap.add_argument("--fbc", type=float, nargs="*", default=[0.05, 0.1, 0.2])
     ap.add_argument("--taylorseer", type=int, nargs="*", default=[2, 3])
     ap.add_argument("--magcache", type=float, nargs="*", default=[0.1, 0.25, 0.5])
@@ -134,27 +138,34 @@ def main(argv: list[str] | None = None) -> int:
     n_units = len(unit_1)
     for n in args.fora:
         plan_row(f"fora-{n}", "FORA", fora_plan(args.steps, n_units, n, model=pipe))
+        plan_row(f"fora-{n}-forecast", "FORA schedule, order-1 forecast (diffaccel)",
+                 fora_plan(args.steps, n_units, n, model=pipe, forecast=1))
     for name in args.harmonica:
         plan = CachePlan.load(_plan_path(name))
         plan_row(name.replace("digits-dit-20-", ""), "HarmoniCa (shipped router plan)", plan)
 
-    t0 = time.perf_counter()
-    calibrator = DiTCalibrator(pipe, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                               num_images=args.calibration_images, seed=args.calibration_seed, progress=True)
-    measure_s = time.perf_counter() - t0
-    reuse_all = calibrator.names.index("reuse-all")
-    for n in args.fora:
-        fora_rows = [-1 if s % n == 0 else reuse_all for s in range(args.steps)]
-        target = rows_ratio(fora_rows, calibrator.costs, calibrator.full_cost)
+    for forecast in args.calibrate_forecast:
         t0 = time.perf_counter()
-        plan, rep = calibrator.check(target, basis="denoiser")
-        name = f"calibrated-{target:.2f}x"
-        if args.save_plans is not None:
-            plan = CachePlan(plan.mask, *_layout(pipe, plan), metadata={
-                **plan.metadata, "model": "digits-dit", "command": summary_command(argv)})
-            plan.save(args.save_plans / f"digits-dit-{args.steps}-calibrated-{target:.2f}x.safetensors")
-        plan_row(name, f"diffaccel calibrated plan at FORA-{n}'s denoiser FLOPs", plan,
-                 {"calibration": rep.as_dict(), "calibration_seconds": measure_s + time.perf_counter() - t0})
+        calibrator = DiTCalibrator(pipe, labels, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                   num_images=args.calibration_images, seed=args.calibration_seed, progress=True,
+                                   forecast=forecast, measure_errors="dp" in args.search)
+        measure_s = time.perf_counter() - t0
+        reuse_all = calibrator.names.index("reuse-all")
+        for search, n in [(s, n) for s in args.search for n in args.fora]:
+            suffix = ("-forecast" if forecast else "") + ("-greedy" if search == "greedy" else "")
+            fora_rows = [-1 if s % n == 0 else reuse_all for s in range(args.steps)]
+            target = rows_ratio(fora_rows, calibrator.costs, calibrator.full_cost)
+            t0 = time.perf_counter()
+            plan, rep = calibrator.check(target, basis="denoiser", search=search)
+            name = f"calibrated-{target:.2f}x{suffix}"
+            if args.save_plans is not None:
+                plan = CachePlan(plan.mask, *_layout(pipe, plan), metadata={
+                    **plan.metadata, "model": "digits-dit", "command": summary_command(argv)}, forecast=forecast)
+                plan.save(args.save_plans / f"digits-dit-{args.steps}-{name}.safetensors")
+            plan_row(name, f"diffaccel calibrated plan ({search}) at FORA-{n}'s denoiser FLOPs"
+                     + (", forecast" * forecast),
+                     plan, {"calibration": rep.as_dict(),
+                            "calibration_seconds": measure_s + time.perf_counter() - t0})
 
     for t in args.fbc:
         diffusers_row(f"diffusers-fbc-{t:g}", FirstBlockCacheConfig(threshold=t))

@@ -318,7 +318,7 @@ class Calibrator:
     @torch.no_grad()
     def __init__(self, pipe, conditions: Sequence[Any], *, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, num_images: int = 8, seed: int = 10_000, max_age: int = 4,
-                 progress: bool = False, **call_kwargs: Any) -> None:
+                 progress: bool = False, measure_errors: bool = True, **call_kwargs: Any) -> None:
         from ..core import make_generators, pipeline_output_to_uint8
 
         if not conditions:
@@ -350,7 +350,8 @@ class Calibrator:
         self.costs = torch.tensor([kind_costs[n] / num_images for n in self.names], dtype=torch.float64)
         _log(progress, "measuring reuse errors (" + ", ".join(
             f"{n}: {kind_costs[n] / full_cost:.2f} of a full call" for n in self.names) + ")")
-        self.err = self.measure_errors()
+        # the error model of the DP search (steps 2-3); the greedy search samples instead and does not need it
+        self.err = self.measure_errors() if measure_errors else None
         self.weights = ddim_weights(pipe.scheduler, traj.timesteps)
         self.f_plain = self.call_flops(None)
         self.unet_total = num_inference_steps * self.full_cost
@@ -440,13 +441,51 @@ class Calibrator:
         return self.make_plan(mask, {**meta, "rows": ",".join(names)})
 
     @torch.no_grad()
-    def check(self, target: float, *, basis: str = "call") -> tuple[Any, CalibrationReport]:
-        """The DP plan for a FLOPs ratio >= `target`, sampled on the calibration images and measured. `basis`:
-        "call" — the whole pipeline call (text encoder, VAE included: what a user sees); "denoiser" — the denoiser
-        calls only (how cache papers compare, e.g. FORA's or HarmoniCa's compute ratios)."""
+    @torch.no_grad()
+    def fidelity(self, plan: Any) -> Any:
+        """Paired fidelity (`evals.paired_fidelity`) of the calibration images sampled with `plan`."""
         from ..core import pipeline_output_to_uint8
         from ..evals.paired import paired_fidelity
 
+        self.attach(plan)
+        try:
+            out = self.pipe(**{**self.kw, "generator": self._gens()})
+        finally:
+            self.detach()
+        return paired_fidelity(pipeline_output_to_uint8(out.images), self.plain_u8, extractor=None)
+
+    def greedy_rows(self, ratio: float, kinds: Sequence[str] = ("reuse-all",)) -> list[int]:
+        """Backward elimination on the final images (diffaccel's search, not from a paper): start from full rows;
+        each round try every still-full step after step 0 as each of `kinds`, sample the calibration images, and
+        keep the change that keeps the paired PSNR highest; stop once the modelled denoiser FLOPs ratio reaches
+        `ratio`. The path is remembered, so smaller targets later cost nothing."""
+        ids = [self.names.index(k) for k in kinds]
+        path = self.__dict__.setdefault("_greedy_paths", {}).setdefault(tuple(kinds), [[-1] * self.steps])
+        for rows in path:
+            if rows_ratio(rows, self.costs, self.full_cost) >= ratio:
+                return rows
+        rows = path[-1]
+        while rows_ratio(rows, self.costs, self.full_cost) < ratio:
+            best: tuple[float, list[int]] | None = None
+            for s in range(1, self.steps):
+                for j in ids if rows[s] == -1 else ():
+                    cand = rows[:s] + [j] + rows[s + 1:]
+                    psnr = self.fidelity(self._plan_from(cand, {})).psnr
+                    if best is None or psnr > best[0]:
+                        best = (psnr, cand)
+            if best is None:
+                raise ValueError(f"no plan of {', '.join(kinds)} rows reaches a FLOPs ratio of {ratio:.3f}")
+            rows = best[1]
+            path.append(rows)
+            _log(self.progress, f"greedy: ratio {rows_ratio(rows, self.costs, self.full_cost):.3f}, "
+                                f"calibration PSNR {best[0]:.2f} dB")
+        return rows
+
+    def check(self, target: float, *, basis: str = "call", search: str = "dp") -> tuple[Any, CalibrationReport]:
+        """The plan for a FLOPs ratio >= `target`, sampled on the calibration images and measured. `basis`:
+        "call" — the whole pipeline call (text encoder, VAE included: what a user sees); "denoiser" — the denoiser
+        calls only (how cache papers compare, e.g. FORA's or HarmoniCa's compute ratios). `search`: "dp" (the
+        error model of the module docstring, cheap) or "greedy" (`greedy_rows`: samples every candidate)."""
         if target < 1.0:
             raise ValueError(f"target speed-up must be >= 1, got {target}")
         cheapest = self.max_speedup(basis)
@@ -459,17 +498,19 @@ class Calibrator:
             ratio = self.unet_total / denoiser_budget if target > 1 else 1.0
         else:
             raise ValueError(f"basis must be 'call' or 'denoiser', got {basis!r}")
-        rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost, ratio)
+        if search == "dp":
+            if self.err is None:
+                raise ValueError("the DP search needs the reuse errors: build the calibrator with measure_errors=True")
+            rows = plan_for_ratio(self.err, self.weights, self.costs, self.full_cost, ratio)
+        elif search == "greedy":
+            rows = self.greedy_rows(ratio)
+        else:
+            raise ValueError(f"search must be 'dp' or 'greedy', got {search!r}")
         plan = self._plan_from(rows, {
-            "kind": "calibrated", "target_speedup": f"{target:.4f}", "steps": str(self.steps),
-            "guidance_scale": str(self.guidance_scale), "calibration_seed": str(self.seed),
+            "kind": "calibrated", "search": search, "target_speedup": f"{target:.4f}", "basis": basis,
+            "steps": str(self.steps), "guidance_scale": str(self.guidance_scale), "calibration_seed": str(self.seed),
             "calibration_images": str(self.num_images)})
-        self.attach(plan)
-        try:
-            out = self.pipe(**{**self.kw, "generator": self._gens()})
-        finally:
-            self.detach()
-        fid = paired_fidelity(pipeline_output_to_uint8(out.images), self.plain_u8, extractor=None)
+        fid = self.fidelity(plan)
         measured = self.f_plain / self.call_flops(plan)
         rep = CalibrationReport(target_speedup=target, min_psnr=None, steps=self.steps,
                                 rows=plan.metadata["rows"].split(","),
@@ -530,6 +571,35 @@ class DiTCalibrator(Calibrator):
 
     cond_key = "class_labels"
 
+    def __init__(self, pipe, conditions: Sequence[Any], *, forecast: int = 0, **kwargs: Any) -> None:
+        """`forecast=1`: plans hand out the order-1 forecast of reused outputs (`CachePlan.forecast`); the reuse
+        error at cache age a is then measured with the two previous computations a steps apart (3 calls)."""
+        self.forecast = forecast
+        super().__init__(pipe, conditions, **kwargs)
+
+    @torch.no_grad()
+    def measure_errors(self) -> torch.Tensor:
+        if not self.forecast:
+            return super().measure_errors()
+        calls = self.traj.calls
+        full_out = [self.guided(_prediction(self.model(*a, **k)).double()) for a, k in calls]
+        ones = torch.ones_like(next(iter(self.kinds.values())))
+        err = torch.full((len(calls), len(self.kinds), self.max_age), math.nan, dtype=torch.float64)
+        for age in range(1, self.max_age + 1):
+            for s in range(age, len(calls)):
+                history = [s - 2 * age, s - age] if s >= 2 * age else [s - age]
+                for i, row in enumerate(self.kinds.values()):
+                    self.attach(self.make_plan(torch.stack([ones] * len(history) + [row]), {}))
+                    try:
+                        for h in history:
+                            self.model(*calls[h][0], **calls[h][1])
+                        out = _prediction(self.model(*calls[s][0], **calls[s][1])).double()
+                    finally:
+                        self.detach()
+                    err[s, i, age - 1] = float((self.guided(out) - full_out[s]).pow(2).mean())
+            _log(self.progress, f"reuse errors at cache age {age} (forecast): done")
+        return err
+
     def row_kinds(self) -> dict[str, torch.Tensor]:
         from .harmonica import unit_modules
 
@@ -547,7 +617,7 @@ class DiTCalibrator(Calibrator):
     def make_plan(self, mask: torch.Tensor, meta: dict[str, str]):
         from .harmonica import CachePlan
 
-        return CachePlan(mask, metadata=meta)
+        return CachePlan(mask, metadata=meta, forecast=self.forecast)
 
     def attach(self, plan) -> None:
         from .harmonica import apply_cache_plan

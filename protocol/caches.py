@@ -190,25 +190,31 @@ class HarmoniCa(_TransformerCache, name="harmonica", aliases=("cache-plan",)):
 @dataclass(frozen=True)
 class FORA(_TransformerCache, name="fora"):
     """FORA (Selvaraju et al. 2024): every block computed every `interval`-th step, reused in between. The plan's
-    step count comes from the recipe's sampler, or `steps`."""
+    step count comes from the recipe's sampler, or `steps`. `forecast=1` hands out the order-1 forecast of the
+    reused outputs instead of the last ones (see `caching.CachePlan`)."""
 
     interval: int = 2
     steps: int | None = None
+    forecast: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"fora interval must be a whole number >= 1, got {self.interval!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"fora steps must be a whole number >= 1, got {self.steps!r}")
+        if self.forecast not in (0, 1):
+            raise ValueError(f"fora forecast is 0 or 1, got {self.forecast!r}")
 
     def args(self) -> list[str]:
-        return [str(self.interval)] + ([f"steps={self.steps}"] if self.steps is not None else [])
+        return [str(self.interval)] + ([f"steps={self.steps}"] if self.steps is not None else []) \
+            + ([f"forecast={self.forecast}"] if self.forecast else [])
 
     @classmethod
     def from_args(cls, name: str, at: int | None, args: list[str]) -> FORA:
         if at is not None:
             raise ValueError(f"{name} takes no @n; give the interval as fora:2")
-        return cls(**parse_args(name, args, {"steps": ("steps", int)}, positional=[("interval", int)]))
+        return cls(**parse_args(name, args, {"steps": ("steps", int), "forecast": ("forecast", int)},
+                                positional=[("interval", int)]))
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
         super().check(pipe, family, recipe)
@@ -223,7 +229,7 @@ class FORA(_TransformerCache, name="fora"):
 
         n = _distinct_steps(pipe, ctx.find(Sampler), self.steps)
         units = len(unit_modules(find_denoiser(pipe)))
-        self.attach(pipe, ctx, fora_plan(n, units, self.interval, model=pipe))
+        self.attach(pipe, ctx, fora_plan(n, units, self.interval, model=pipe, forecast=self.forecast))
 
 
 class _DiffusersCache(Method, slot="cache", stage=Stage.CACHE, uses_events=True):

@@ -93,6 +93,9 @@ class _HCState:
         self.pipe_ref = weakref.ref(pipe) if pipe is not None else None
         self.force = force
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.forecast = plan.forecast if plan is not None else 0
+        self.previous: dict[tuple[int, int], tuple[Any, int, int]] = {}  # forecast: the computation before
+        self.computed_at: dict[tuple[int, int], int] = {}
         self.active = False
         self.single_slot = False  # training: teacher and student calls at one step share slot 0
         self.slot = 0
@@ -105,6 +108,8 @@ class _HCState:
 
     def clear(self) -> None:
         self.cache.clear()
+        self.previous.clear()
+        self.computed_at.clear()
         self.active = False
         self.step_key = None
         self.tracker.reset()
@@ -112,9 +117,12 @@ class _HCState:
     def reorder_rows(self, rows: torch.Tensor) -> None:
         """Particles were resampled: every cached unit output follows its row."""
         self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
+        self.previous = {key: (take_rows(v, rows), s0, s1) for key, (v, s0, s1) in self.previous.items()}
 
     def _new_generation(self) -> None:
         self.cache.clear()
+        self.previous.clear()
+        self.computed_at.clear()
         self.step_key = None
         self.counters = self._fresh_counters()
         if self.plan is None or self.mode != CacheMode.PLAN:
@@ -166,6 +174,15 @@ class _StepHook(SharedStateHook):
             st.active = False
 
 
+def _forecast(last: Any, before: Any, s_before: int, s_last: int, step: int) -> Any:
+    """Order-1 forecast c1 + (c1 - c0) (s - s1) / (s1 - s0) of a unit's output, stream by stream."""
+    w = (step - s_last) / (s_last - s_before)
+    if isinstance(last, torch.Tensor):
+        return last + (last - before) * w
+    return type(last)(_forecast(a, b, s_before, s_last, step) if a is not None else None
+                      for a, b in zip(last, before, strict=True))
+
+
 def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
     """r f + (1 - r) c, stream by stream for units that return several tensors."""
     if isinstance(out, torch.Tensor):
@@ -195,8 +212,14 @@ class _UnitHook(SharedStateHook):
             compute = cached is None or step >= len(rows) or rows[step][u]
             if not compute:
                 st.counters.reuses[u] += 1
+                if st.forecast and key in st.previous:
+                    return _forecast(cached, *st.previous[key], step)
                 return cached  # gated out of place by the block, so handing out the stored tensor is safe
             out = forward(*args, **kwargs)
+            if st.forecast:
+                if cached is not None:  # (output, step) of the two latest computations
+                    st.previous[key] = (cached, st.computed_at[key], step)
+                st.computed_at[key] = step
             st.cache[key] = tree_map(torch.Tensor.detach, out)  # MMDiT joint attention returns two streams
             st.counters.runs[u] += 1
             return out

@@ -102,6 +102,11 @@ class CachePlan(StepUnitMask):
     model_class / num_blocks / units describe the unit layout (None = a generic plan, checked only by its unit
     count); scheduler_class the scheduler it was made for (None = any); metadata free-form strings (training
     command, guidance, threshold, ...).
+
+    forecast: what a reused (step, unit) pair hands out. 0: the unit's last computed output (FORA, HarmoniCa);
+    1: the first-order forecast from its last two computed outputs, c1 + (c1 - c0) (s - s1) / (s1 - s0) (the
+    order-1 Taylor expansion with finite differences of TaylorSeer, Liu et al. 2025, Eq. 6), the last output
+    while only one exists.
     """
 
     mask: torch.Tensor
@@ -110,6 +115,7 @@ class CachePlan(StepUnitMask):
     units: tuple[str, ...] | None = None
     scheduler_class: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    forecast: int = 0
 
     def __post_init__(self) -> None:
         mask = torch.as_tensor(self.mask)
@@ -130,6 +136,8 @@ class CachePlan(StepUnitMask):
             raise InputError(f"plan has {self.mask.shape[1]} unit columns but its layout is {self.num_blocks} blocks "
                              f"x {len(self.units)} units {self.units} = {self.num_blocks * len(self.units)}")
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        if self.forecast not in (0, 1):
+            raise InputError(f"forecast is the order of the reuse forecast, 0 or 1, got {self.forecast!r}")
 
     @property
     def skipped_units(self) -> int:
@@ -153,7 +161,8 @@ class CachePlan(StepUnitMask):
         return {"steps": self.num_steps, "units": self.num_units, "model_class": self.model_class,
                 "num_blocks": self.num_blocks, "unit_kind": self.unit_kind, "scheduler_class": self.scheduler_class,
                 "usage_ratio": self.usage_ratio, "skipped_units": self.skipped_units,
-                "computed_units_per_step": self.mask.sum(dim=1).tolist(), "metadata": dict(self.metadata)}
+                "computed_units_per_step": self.mask.sum(dim=1).tolist(), "forecast": self.forecast,
+                "metadata": dict(self.metadata)}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan as safetensors (a uint8 `mask` tensor; layout and metadata in the header), atomically."""
@@ -162,7 +171,7 @@ class CachePlan(StepUnitMask):
         path = Path(path)
         header = {"format": PLAN_FORMAT, "model_class": self.model_class or "",
                   "num_blocks": str(self.num_blocks or ""), "units": ",".join(self.units or ()),
-                  "scheduler_class": self.scheduler_class or "",
+                  "scheduler_class": self.scheduler_class or "", "forecast": str(self.forecast),
                   "metadata": json.dumps(self.metadata, sort_keys=True)}
         atomic_save(path, lambda tmp: save_file({"mask": self.mask.to(torch.uint8)}, str(tmp), metadata=header))
         return path
@@ -188,7 +197,7 @@ class CachePlan(StepUnitMask):
                    num_blocks=int(header["num_blocks"]) if header.get("num_blocks") else None,
                    units=tuple(header["units"].split(",")) if header.get("units") else None,
                    scheduler_class=header.get("scheduler_class") or None,
-                   metadata=json.loads(header.get("metadata") or "{}"))
+                   metadata=json.loads(header.get("metadata") or "{}"), forecast=int(header.get("forecast") or 0))
 
 
 def shipped_plans() -> dict[str, Path]:
@@ -210,16 +219,19 @@ def _layout_of(model: Any | None, num_units: int) -> dict[str, Any]:
             "units": units, "scheduler_class": None if scheduler is None else sched_name(scheduler)}
 
 
-def fora_plan(num_steps: int, num_units: int, interval: int, *, model: Any | None = None) -> CachePlan:
+def fora_plan(num_steps: int, num_units: int, interval: int, *, model: Any | None = None,
+              forecast: int = 0) -> CachePlan:
     """FORA (Selvaraju et al. 2024): every unit is computed at steps s with s % interval == 0 and reused otherwise.
 
     `model` (a transformer or pipeline) binds the plan to that layout and scheduler; without it the plan is generic.
+    `forecast=1` extrapolates the reused outputs (see `CachePlan`): FORA's schedule with TaylorSeer's order-1 rule.
     """
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise InputError(f"FORA interval must be an int >= 1, got {interval!r}")
     _check_size(num_steps, num_units)
     mask = (torch.arange(num_steps) % interval == 0)[:, None].expand(num_steps, num_units)
-    return CachePlan(mask, **_layout_of(model, num_units), metadata={"kind": "fora", "interval": str(interval)})
+    return CachePlan(mask, **_layout_of(model, num_units), metadata={"kind": "fora", "interval": str(interval)},
+                     forecast=forecast)
 
 
 def random_plan(num_steps: int, num_units: int, usage_ratio: float, seed: int = 0, *,
@@ -261,4 +273,4 @@ def resample_plan(plan: CachePlan, model: Any) -> CachePlan:
         src = min(blocks_from - 1, int((b + 0.5) * blocks_from / blocks_to))
         cols += [src * len(units) + j for j in range(len(units))]
     return CachePlan(plan.mask[:, cols], type(transformer).__name__, blocks_to, units, plan.scheduler_class,
-                     {**plan.metadata, "resampled_from_blocks": str(blocks_from)})
+                     {**plan.metadata, "resampled_from_blocks": str(blocks_from)}, plan.forecast)

@@ -111,3 +111,8 @@ def test_dit_depth_row_kinds_and_the_denoiser_basis():
     assert 1.0 < rep.measured_flops_ratio < rep.modelled_flops_ratio
     with pytest.raises(ValueError, match="basis"):
         cal.check(1.1, basis="wall")
+    # the greedy search samples candidates instead of using the error model; its path is reused for lower targets
+    plan, rep = cal.check(target, basis="denoiser", search="greedy")
+    assert rep.modelled_flops_ratio >= target * (1 - 1e-12) and set(rep.rows) <= {"full", "reuse-all"}
+    assert rep.rows[0] == "full" and plan.metadata["search"] == "greedy"
+    assert cal.greedy_rows(1.0) == [-1] * 6

@@ -131,6 +131,33 @@ def test_reused_value_is_last_computed_output(dit):
     assert torch.equal(seen[0], snapshot)  # the block gates the cached tensor out of place: never mutated
 
 
+def test_forecast_hands_out_the_order_one_extrapolation(dit, tmp_path):
+    """forecast=1: at a reused step s the unit's value is c1 + (c1 - c0) (s - s1) / (s1 - s0) from its two latest
+    computed outputs (steps s0 < s1); with one computation only, the last output. Elementwise float32 arithmetic
+    on the same tensors in the same order: exact."""
+    steps = 7
+    plan = fora_plan(steps, 4, 3, model=dit, forecast=1)  # compute at 0, 3, 6
+    unit = dit.transformer.transformer_blocks[1].ff
+    handed, runs = [], []  # a forward hook sees what the unit hands out, computed or not; net[0] runs only if computed
+    h1 = unit.register_forward_hook(lambda m, i, o: handed.append(o.clone()))
+    h2 = unit.net[0].register_forward_pre_hook(lambda m, i: runs.append(1))
+    apply_cache_plan(dit, plan)
+    try:
+        run_dit(dit, steps=steps)
+    finally:
+        remove_cache_plan(dit)
+        h1.remove()
+        h2.remove()
+    assert len(handed) == steps and len(runs) == 3
+    c0, c3 = handed[0], handed[3]
+    assert torch.equal(handed[1], c0) and torch.equal(handed[2], c0)  # one computation so far: the last output
+    assert torch.equal(handed[4], c3 + (c3 - c0) * (1 / 3)) and torch.equal(handed[5], c3 + (c3 - c0) * (2 / 3))
+    back = CachePlan.load(plan.save(tmp_path / "f.safetensors"))
+    assert back.forecast == 1 and torch.equal(back.mask, plan.mask)
+    with pytest.raises(ValueError, match="forecast"):
+        CachePlan(plan.mask, forecast=2)
+
+
 def test_usage_ratio_counts_skipped_units_and_baselines():
     plan = fora_plan(6, 4, 3)
     assert plan.skipped_units == int((~plan.mask).sum()) == 16

@@ -171,6 +171,7 @@ def test_patch_parallel_check_knows_which_denoisers_it_can_split():
     (Sampler("ddim", 20), FirstBlockCache(0.2)),
     (Sampler("ddim", 10), TaylorSeer(3, warmup=2)),
     (MagCache(0.25, steps=20),),
+    (Sampler("ddim", 20), FORA(3, forecast=1)),
 ])
 def test_recipe_string_round_trip(methods):
     text = format_recipe(methods)
