@@ -69,3 +69,71 @@ def test_a_flux_plan_on_sd3_is_refused_naming_both():
         check_plan(plan, sd3)
     with pytest.raises(ValueError, match="made for FluxTransformer2DModel but the model is SD3Transformer2DModel"):
         apply_cache_plan(sd3, plan)
+
+
+def test_a_flux_plan_on_dit_and_an_sd3_plan_on_flux_are_refused_naming_both():
+    flux, sd3, dit = _pipe("random-flux"), _pipe("random-sd3"), _pipe("random-dit")
+    plan = fora_plan(STEPS, len(unit_modules(flux.transformer)), 2, model=flux)
+    with pytest.raises(ValueError, match="made for FluxTransformer2DModel but the model is DiTTransformer2DModel"):
+        apply_cache_plan(dit, plan)
+    sd3_plan = fora_plan(STEPS, len(unit_modules(sd3.transformer)), 2, model=sd3)
+    with pytest.raises(ValueError, match="made for SD3Transformer2DModel but the model is FluxTransformer2DModel"):
+        apply_cache_plan(flux, sd3_plan)
+
+
+def test_forecast_extrapolates_both_streams_of_flux_units():
+    """forecast=1 on Flux: a reused unit hands out c1 + (c1 - c0) (s - s1) / (s1 - s0) from its two latest computed
+    outputs, stream by stream for the double-stream attention (image and text outputs) and as one tensor for the
+    single-stream attention and MLP projection (TaylorSeer, Liu et al. 2025, Eq. 6 at order 1). Same float32 ops on
+    the same tensors: exact."""
+    steps = 7  # FORA interval 3: computed at steps 0, 3, 6
+    pipe = _pipe("random-flux")
+    units = dict(unit_modules(pipe.transformer))
+    watched = ["transformer_blocks.0.attn", "transformer_blocks.0.ff_context", "single_transformer_blocks.0.attn",
+               "single_transformer_blocks.0.proj_mlp"]
+    handed = {n: [] for n in watched}  # a forward hook sees what the unit hands out, computed or reused
+
+    def keep(name):
+        def hook(module, args, out):
+            handed[name].append(tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone())
+        return hook
+
+    handles = [units[n].register_forward_hook(keep(n)) for n in watched]
+    plan = fora_plan(steps, len(units), 3, model=pipe, forecast=1)
+    apply_cache_plan(pipe, plan)
+    try:
+        with torch.no_grad():
+            out = pipe(["a handwritten digit seven"], num_inference_steps=steps, height=32, width=32,
+                       max_sequence_length=16, generator=make_generators(0, 1), output_type="latent").images
+        counters = cache_plan_counters(pipe)
+    finally:
+        remove_cache_plan(pipe)
+        for h in handles:
+            h.remove()
+    assert counters.runs == [3] * len(units) and counters.reuses == [4] * len(units)
+
+    def expect(c1, c0, w):
+        if isinstance(c1, tuple):
+            return tuple(a + (a - b) * w for a, b in zip(c1, c0, strict=True))
+        return c1 + (c1 - c0) * w
+
+    def same(a, b):
+        return all(map(torch.equal, a, b)) if isinstance(a, tuple) else torch.equal(a, b)
+
+    for name in watched:
+        h = handed[name]
+        assert len(h) == steps, name
+        if name == "transformer_blocks.0.attn":
+            assert isinstance(h[0], tuple) and len(h[0]) == 2  # image and text streams
+        assert same(h[1], h[0]) and same(h[2], h[0]), name  # one computation so far: the last output
+        assert same(h[4], expect(h[3], h[0], 1 / 3)) and same(h[5], expect(h[3], h[0], 2 / 3)), name
+        assert not same(h[4], h[3]), name  # the forecast moved the value
+    # a FORA plan without the forecast differs from the forecast plan on the same seeds
+    apply_cache_plan(pipe, fora_plan(steps, len(units), 3, model=pipe))
+    try:
+        with torch.no_grad():
+            plain = pipe(["a handwritten digit seven"], num_inference_steps=steps, height=32, width=32,
+                         max_sequence_length=16, generator=make_generators(0, 1), output_type="latent").images
+    finally:
+        remove_cache_plan(pipe)
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
