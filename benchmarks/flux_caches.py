@@ -5,7 +5,9 @@
 
 Rows: the uncached pipeline (the reference of the paired metrics), diffaccel FORA plans through the HarmoniCa engine
 (double-stream attn/ff/ff_context and single-stream attn/proj_mlp units reused every n-th step), the HarmoniCa plans
-learned for digits-flux (`caching/plans/digits-flux-*`, router training at 28 steps), and diffusers'
+learned for digits-flux (`caching/plans/digits-flux-*`, router training at 28 steps), each of these plans again with
+the order-1 forecast of reused outputs (`CachePlan.forecast = 1`: TaylorSeer's finite-difference rule, Liu et al.
+2025, Eq. 6, on the plan's schedule; the learned plans were trained without it), and diffusers'
 `FirstBlockCacheConfig`, `TaylorSeerCacheConfig` and `MagCacheConfig` through `transformer.enable_cache` (MagCache
 calibrated as its docstring says: one `calibrate=True` run, on seeds disjoint from the measured ones). Compute is
 compared as the measured FLOPs of one 28-step generation (`core.flops`, executed ops only) relative to uncached;
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -71,14 +74,19 @@ def configs(pipe, steps: int, kw: dict, plans: dict[str, CachePlan]) -> list[tup
 
     n_units = len(unit_modules(pipe.transformer))
     out = [("uncached", lambda: None, lambda: None)]
-    for k in (2, 3, 4):
-        plan = fora_plan(steps, n_units, k, model=pipe)
-        out.append((f"diffaccel FORA n={k}", lambda p=plan: apply_cache_plan(pipe, p),
-                    lambda: remove_cache_plan(pipe)))
+    def plan_row(name: str, plan: CachePlan) -> tuple[str, callable, callable]:
+        return name, (lambda: apply_cache_plan(pipe, plan)), (lambda: remove_cache_plan(pipe))
 
-    for name, plan in plans.items():
-        out.append((f"diffaccel HarmoniCa {Path(name).stem}", lambda p=plan: apply_cache_plan(pipe, p),
-                    lambda: remove_cache_plan(pipe)))
+    for forecast in (0, 1):
+        suffix = " + forecast" if forecast else ""
+        for k in (2, 3, 4):
+            out.append(plan_row(f"diffaccel FORA n={k}{suffix}", fora_plan(steps, n_units, k, model=pipe,
+                                                                         forecast=forecast)))
+        for name, plan in plans.items():
+            if forecast and plan.forecast:
+                continue  # a plan that already forecasts has its row above
+            out.append(plan_row(f"diffaccel HarmoniCa {Path(name).stem}{suffix}",
+                                dataclasses.replace(plan, forecast=forecast or plan.forecast)))
 
     def diffusers_cache(config):
         return (lambda: pipe.transformer.enable_cache(config)), (lambda: pipe.transformer.disable_cache())

@@ -137,3 +137,34 @@ def test_forecast_extrapolates_both_streams_of_flux_units():
     finally:
         remove_cache_plan(pipe)
     assert torch.isfinite(out).all() and not torch.equal(out, plain)
+
+
+def test_shipped_digits_flux_plans_fit_digits_flux_and_are_refused_elsewhere():
+    """Every shipped digits-flux plan: 28 steps, the Flux layout, FlowMatch-Euler; attached to digits-flux a generation
+    runs and every unit is executed exactly as often as the plan says; on digits-dit and random-sd3 it is refused
+    naming both transformer classes."""
+    from diffaccel.caching.harmonica import CachePlan, shipped_plans
+    from diffaccel.zoo.quality import flux_call_kwargs
+
+    plans = {n: p for n, p in shipped_plans().items() if n.startswith("digits-flux-")}
+    if not plans:
+        pytest.skip("no digits-flux plan shipped")
+    pipe = _pipe("digits-flux")
+    others = [(_pipe("digits-dit"), "DiTTransformer2DModel"), (_pipe("random-sd3"), "SD3Transformer2DModel")]
+    for name, path in plans.items():
+        plan = CachePlan.load(path)
+        assert plan.num_steps == 28 and plan.model_class == "FluxTransformer2DModel", name
+        assert plan.scheduler_class == "FlowMatchEulerDiscreteScheduler" and 0 < plan.usage_ratio < 1, name
+        apply_cache_plan(pipe, name)
+        try:
+            with torch.no_grad():
+                out = pipe(["a handwritten digit five"], num_inference_steps=28, generator=make_generators(0, 1),
+                           output_type="latent", **flux_call_kwargs(pipe, 0, None)).images
+            c = cache_plan_counters(pipe)
+        finally:
+            remove_cache_plan(pipe)
+        assert torch.isfinite(out).all()
+        assert c.runs == plan.mask.sum(0).tolist() and c.reuses == (~plan.mask).sum(0).tolist(), name
+        for other, cls in others:
+            with pytest.raises(ValueError, match=f"made for FluxTransformer2DModel but the model is {cls}"):
+                apply_cache_plan(other, name)
