@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import argparse
 
-STAGE_HELP = {
-    "pairs": "write teacher couplings (z0, z1, prompt) as atomic shards with a manifest (resumable)",
-    "reflow": "train a rectified flow (2-RF) on the couplings, initialised from the teacher",
-    "one-step": "distil a reflowed model into a one-step student",
-    "guidance": "LoRA guidance distillation: one conditional pass gives the CFG output",
-}
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from .stages import STAGE_TABLE
     from .train import build_parser
 
     p = subparsers.add_parser("distill", help="reflow and one-step distillation (InstaFlow-style)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = p.add_subparsers(dest="distill_stage", required=True, metavar="STAGE")
-    for stage, help_ in STAGE_HELP.items():
-        sp = stages.add_parser(stage, help=help_, description=help_)
+    for stage in STAGE_TABLE.values():
+        sp = stages.add_parser(stage.name, help=stage.help, description=stage.help)
         build_parser(sp)
         sp.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-
     from .train import main, normalize_args
 
     args.stage = args.distill_stage
