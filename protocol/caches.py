@@ -122,14 +122,16 @@ class EncoderPropagation(Method, name="ep", aliases=("encoder-propagation",), sl
 
 
 def _distinct_steps(pipe: Any, sampler: Sampler | None, steps: int | None) -> int | None:
-    """Denoiser steps a plan needs: distinct timesteps of the recipe's scheduler at its step count."""
+    """Denoiser steps a plan needs: distinct timesteps of the recipe's scheduler at its step count (set as the
+    pipeline sets them: FluxPipeline's FlowMatch-Euler needs the resolution shift `mu`)."""
+    from ..core.families import family_for
     from ..core.hooks import dedupe_consecutive
 
     n = steps if steps is not None else (sampler.num_inference_steps if sampler is not None else None)
     if n is None:
         return None
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(n)
+    family_for(pipe).set_timesteps(scheduler, n)
     return len(dedupe_consecutive([float(t) for t in scheduler.timesteps]))
 
 

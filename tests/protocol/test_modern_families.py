@@ -48,3 +48,25 @@ def test_flux_runs_the_pndm_family_and_ddim_is_flow_match_euler():
         with accelerate(pipe, "s-pndm@6") as h, count_nfe(pipe) as nfe:
             out = h(["a handwritten digit seven"], generator=make_generators(0, 1), **kw).images
         assert nfe.calls == 6 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("recipe", ["fora:2:steps=4", "fora:2:steps=4:forecast=1"])
+def test_fora_without_a_sampler_on_flux_counts_the_pipelines_own_steps(recipe):
+    """FORA with `steps=` and no sampler keeps FluxPipeline's FlowMatch-Euler, whose `set_timesteps` needs the
+    resolution shift `mu`: the plan gets the pipeline's 4 distinct steps and is obeyed (units computed at steps 0
+    and 2, reused at 1 and 3)."""
+    from diffaccel.caching import cache_plan_counters
+    from diffaccel.caching.harmonica import attached_plan
+
+    pipe = load("random-flux")
+    pipe.set_progress_bar_config(disable=True)
+    with accelerate(pipe, recipe) as h:
+        plan = attached_plan(pipe)
+        assert plan.num_steps == 4 and plan.forecast == (1 if "forecast" in recipe else 0)
+        assert plan.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+        with torch.no_grad():
+            out = h(["a handwritten digit seven"], num_inference_steps=4, height=32, width=32,
+                    max_sequence_length=16, generator=make_generators(0, 1), output_type="latent").images
+        c = cache_plan_counters(pipe)
+    assert torch.isfinite(out).all()
+    assert set(c.runs) == {2} and set(c.reuses) == {2}
