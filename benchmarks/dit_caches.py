@@ -32,13 +32,14 @@ import time
 from pathlib import Path
 
 import torch
-from branch_reuse import log, machine
+from branch_reuse import machine
 from diffaccel.caching import CachePlan, apply_cache_plan, fora_plan, remove_cache_plan
 from diffaccel.caching.calibrate import DiTCalibrator, rows_ratio
 from diffaccel.caching.diffusers_caches import apply_diffusers_cache, calibrate_mag_ratios, remove_diffusers_cache
 from diffaccel.caching.harmonica import example_inputs, unit_flops, unit_modules
-from diffaccel.caching.harmonica.plan import _layout_of, _plan_path
+from diffaccel.caching.harmonica.plan import _layout_of
 from diffaccel.core import make_generators
+from diffaccel.core.timing import log
 from diffaccel.evals import evaluate
 from diffaccel.zoo import load
 from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-images", type=int, default=16)
     ap.add_argument("--calibration-seed", type=int, default=10_000)
     ap.add_argument("--fora", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--search", nargs="*", default=["dp", "greedy"], choices=["dp", "greedy"],
-                    help="how calibrated plans are chosen (caching.calibrate: error model + DP, or greedy sampling)")
+    ap.add_argument("--search", nargs="*", default=["dp", "greedy"], choices=["dp", "greedy", "local"],
+                    help="how calibrated plans are chosen (caching.calibrate: error model + DP, greedy sampling, or "
+                         "local: FORA's spacing refined by moving full steps)")
     ap.add_argument("--calibrate-forecast", type=int, nargs="*", default=[0, 1],
                     help="calibrate plans without (0) and with (1) the order-1 forecast")
     ap.add_argument("--fbc", type=float, nargs="*", default=[0.05, 0.1, 0.2])
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_row(f"fora-{n}-forecast", "FORA schedule, order-1 forecast (diffaccel)",
                  fora_plan(args.steps, n_units, n, model=pipe, forecast=1))
     for name in args.harmonica:
-        plan = CachePlan.load(_plan_path(name))
+        plan = CachePlan.load(name)
         plan_row(name.replace("digits-dit-20-", ""), "HarmoniCa (shipped router plan)", plan)
 
     for forecast in args.calibrate_forecast:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_s = time.perf_counter() - t0
         reuse_all = calibrator.names.index("reuse-all")
         for search, n in [(s, n) for s in args.search for n in args.fora]:
-            suffix = ("-forecast" if forecast else "") + ("-greedy" if search == "greedy" else "")
+            suffix = ("-forecast" if forecast else "") + (f"-{search}" if search != "dp" else "")
             fora_rows = [-1 if s % n == 0 else reuse_all for s in range(args.steps)]
             target = rows_ratio(fora_rows, calibrator.costs, calibrator.full_cost)
             t0 = time.perf_counter()

@@ -3,7 +3,7 @@ and PCPP partial conditioning (Zhang et al. 2024). See `parallelize`."""
 
 from .comm import ByteMeter, CommRecord, Communicator, init_distributed, local_device
 from .config import CommunicationError, PatchParallelConfig, PatchParallelError
-from .parallelize import PatchParallelHandle, find_denoiser, parallelize, unparallelize
+from .parallelize import PatchParallelHandle, find_denoiser, parallel_handle, parallelize, unparallelize
 
 __all__ = [
     "ByteMeter",
@@ -16,6 +16,7 @@ __all__ = [
     "find_denoiser",
     "init_distributed",
     "local_device",
+    "parallel_handle",
     "parallelize",
     "unparallelize",
 ]

@@ -187,9 +187,13 @@ def parallelize(pipe_or_model: Any, config: PatchParallelConfig | None = None) -
     return handle
 
 
+def parallel_handle(pipe_or_model: Any) -> PatchParallelHandle | None:
+    """The handle of the patch parallelism on a pipeline or model (e.g. applied through the protocol), or None."""
+    return getattr(find_denoiser(pipe_or_model), _ATTR, None)
+
+
 def unparallelize(pipe_or_model: Any) -> None:
     """Remove patch parallelism from a pipeline or model (no-op if it was not parallelised)."""
-    model = find_denoiser(pipe_or_model)
-    handle = getattr(model, _ATTR, None)
+    handle = parallel_handle(pipe_or_model)
     if handle is not None:
         handle.remove()

@@ -77,6 +77,10 @@ class PatchParallel(Method, name="patch-parallel", aliases=("pp",), slot="parall
         return cls(**kw)
 
     def conflicts(self, other: Method) -> str | None:
+        if other.name == "fbc":
+            return ("fbc decides from each rank's own band of the first block's residual, so the ranks can disagree: "
+                    "one would skip the blocks whose exchange the other waits in (use a step-scheduled cache: fora, "
+                    "harmonica, taylorseer, magcache)")
         if self.mode == "sync":
             return None  # exact: every layer sees fresh activations, whatever else skips or reorders them
         if other.slot == "cache":

@@ -116,3 +116,12 @@ def test_dit_depth_row_kinds_and_the_denoiser_basis():
     assert rep.modelled_flops_ratio >= target * (1 - 1e-12) and set(rep.rows) <= {"full", "reuse-all"}
     assert rep.rows[0] == "full" and plan.metadata["search"] == "greedy"
     assert cal.greedy_rows(1.0) == [-1] * 6
+    # the local search starts from FORA's spacing: at FORA-2's ratio on 6 steps that is FORA-2 itself, and the
+    # refined plan keeps its number of full steps (same modelled ratio) and is no worse on the calibration images
+    assert cal.spaced_rows(target) == fora2
+    start = cal.fidelity(cal._plan_from(fora2, {})).psnr
+    plan, rep = cal.check(target, basis="denoiser", search="local")
+    assert rep.rows.count("full") == fora2.count(-1) and rep.rows[0] == "full"
+    assert rep.modelled_flops_ratio == pytest.approx(target, rel=1e-12) and rep.psnr >= start
+    with pytest.raises(ValueError, match="search"):
+        cal.check(target, basis="denoiser", search="anneal")

@@ -1,7 +1,7 @@
 """Patch parallelism on the modern families: Flux (double- and single-stream blocks), SD3 (joint blocks) and the
 SDXL UNet, on the zoo's tiny random pipelines over two real gloo ranks."""
 
-SCENARIOS = ("zoo_sync", "zoo_errors", "mmdit_displaced", "sd35_sync")
+SCENARIOS = ("zoo_sync", "zoo_errors", "mmdit_displaced", "sd35_sync", "zoo_compose")
 FAMILIES = ("flux", "sd3", "sdxl")
 
 
@@ -22,6 +22,22 @@ def test_sync_equals_single_process(run_suite):
     for key in results[0]:  # every rank ends with bit-identical latents
         if key.endswith("_sha"):
             assert results[0][key] == results[1][key], key
+
+
+def test_sync_composes_with_caches_and_samplers_on_flux(run_suite):
+    """pp:sync + FORA / forecast FORA / TaylorSeer / S-PNDM on random-flux equals the same recipe on one process."""
+    results = [res["zoo_compose"] for res in run_suite(2, *SCENARIOS)]
+    for rank, r in enumerate(results):
+        for recipe in ("fora:2:steps=4", "fora:2:steps=4:forecast=1", "taylorseer:2", "s-pndm@4",
+                       "s-pndm@4 + fora:2:steps=4"):
+            # fp64, 4 steps: only the order of the attention reductions differs from one process (as above)
+            assert r[recipe]["err"] <= 1e-12, (rank, recipe, r[recipe]["err"])
+            assert any("2 rank(s)" in n for n in r[recipe]["notes"]), r[recipe]["notes"]
+        # the cache really reuses (otherwise the comparison above would not test the composition)
+        assert r["fora_changes_output"] > 1e-6
+    for recipe in results[0]:
+        if isinstance(results[0][recipe], dict):  # every rank ends with bit-identical latents
+            assert results[0][recipe]["sha"] == results[1][recipe]["sha"], recipe
 
 
 def test_sd35_blocks_sync_equals_single_process(run_suite):

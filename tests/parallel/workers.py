@@ -747,3 +747,31 @@ def scenario_mmdit_displaced(rank: int, world: int) -> dict[str, Any]:
     h.remove()
     out["flux_first_order"] = errs
     return out
+
+
+@scenario
+def scenario_zoo_compose(rank: int, world: int) -> dict[str, Any]:
+    """Compositions through the protocol on random-flux (fp64, 4 steps): patch parallelism (sync) with a feature
+    cache (FORA-2, a forecast FORA-2, diffusers' TaylorSeer) and with a flow sampler (S-PNDM), each against the
+    same recipe without `pp:sync` on one process. Every rank must run the same cache decisions: these caches'
+    schedules depend on the step only, so each rank reuses (or forecasts) exactly its band of what one process
+    would, and the results agree to the fp64 reduction-order floor."""
+    from diffaccel import accelerate
+
+    pipe = zoo_pipe("flux", torch.float64)
+    out: dict[str, Any] = {}
+    for recipe in ("fora:2:steps=4", "fora:2:steps=4:forecast=1", "taylorseer:2", "s-pndm@4",
+                   "s-pndm@4 + fora:2:steps=4"):
+        acc = accelerate(pipe, recipe)
+        ref = run_zoo("flux", pipe, steps=4)
+        acc.remove()
+        acc = accelerate(pipe, f"{recipe} + pp:sync:timeout=60")
+        got = run_zoo("flux", pipe, steps=4)
+        out[recipe] = {"err": rel_err(got, ref), "sha": hashlib.sha256(got.numpy().tobytes()).hexdigest(),
+                       "notes": list(acc.notes)}
+        acc.remove()
+    plain = run_zoo("flux", pipe, steps=4)
+    acc = accelerate(pipe, "fora:2:steps=4")
+    out["fora_changes_output"] = rel_err(run_zoo("flux", pipe, steps=4), plain)
+    acc.remove()
+    return out

@@ -70,3 +70,23 @@ def test_fora_without_a_sampler_on_flux_counts_the_pipelines_own_steps(recipe):
         c = cache_plan_counters(pipe)
     assert torch.isfinite(out).all()
     assert set(c.runs) == {2} and set(c.reuses) == {2}
+
+
+@pytest.mark.parametrize("name", ["random-flux", "random-sd3"])
+def test_fora_recipes_apply_on_shifted_flow_schedulers(name):
+    """`fora:N:steps=S` counts the steps of the pipeline's scheduler, which on Flux needs the resolution shift `mu`
+    (it used to raise there): fora:1 is every step computed, bit-exact; fora:2 reuses, so the output moves."""
+    pipe = load(name)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(["a digit"], height=32, width=32, num_inference_steps=4, generator=make_generators(0, 1),
+                    output_type="latent", max_sequence_length=16).images
+
+    with torch.no_grad():
+        ref = sample()
+        with accelerate(pipe, "fora:1:steps=4"):
+            assert torch.equal(sample(), ref)
+        with accelerate(pipe, "fora:2:steps=4"):
+            assert not torch.equal(sample(), ref)
+        assert torch.equal(sample(), ref)  # removal restores

@@ -121,6 +121,7 @@ def test_plain_call_after_accelerate_equals_cached_call():
     ("harmonica:no-such-plan", ["harmonica:no-such-plan", "no cache plan file"]),
     ("ddim@20 + fora:2 + patch-parallel:displaced", ["fora:2", "patch-parallel:displaced", "older step"]),
     ("ddim@10 + fk:2 + patch-parallel:pcpp", ["fk:2", "patch-parallel:pcpp", "reorders"]),
+    ("ddim@20 + fbc:0.1 + patch-parallel:sync", ["fbc:0.1", "patch-parallel:sync", "disagree"]),
 ])
 def test_refusals_name_both_methods_and_change_nothing(recipe, words):
     pipe = fresh("digits-dit")
