@@ -50,21 +50,28 @@ def sd_pipe():
     return pipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-images", type=int, default=50)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--guidance", type=float, default=7.5)
+def calibration_parser(doc: str, *, num_images: int, steps: int, guidance: float,
+                       calibration_images: int) -> argparse.ArgumentParser:
+    """The options the calibrated-cache benchmarks share (evaluation and calibration seeds, outputs)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--num-images", type=int, default=num_images)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--guidance", type=float, default=guidance)
     ap.add_argument("--seed", type=int, default=0, help="evaluation seeds seed .. seed + n - 1")
-    ap.add_argument("--calibration-images", type=int, default=8)
+    ap.add_argument("--calibration-images", type=int, default=calibration_images)
     ap.add_argument("--calibration-seed", type=int, default=10_000)
-    ap.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5], help="DeepCache intervals (branch 0)")
-    ap.add_argument("--targets", type=float, nargs="*", default=[],
-                    help="extra branch reuse FLOPs-ratio targets (DeepCache's measured ratios are always added)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-plans", type=Path, default=None, help="write the calibrated plans into this folder")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = calibration_parser(__doc__, num_images=50, steps=50, guidance=7.5, calibration_images=8)
+    ap.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5], help="DeepCache intervals (branch 0)")
+    ap.add_argument("--targets", type=float, nargs="*", default=[],
+                    help="extra branch reuse FLOPs-ratio targets (DeepCache's measured ratios are always added)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = sd_pipe()
@@ -147,20 +154,25 @@ def main(argv: list[str] | None = None) -> int:
                "calibration_seed": args.calibration_seed, "threads": args.threads, "machine": machine(),
                "command": summary_command(argv),
                "rows": rows, "notes": notes}
-    text = json.dumps(summary, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o)
-                      else str(o))
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(summary))
+    emit_summary(summary, args.out, args.md, markdown)
     return 0
 
 
-def summary_command(argv: list[str] | None) -> str:
-    return "python benchmarks/branch_reuse.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def emit_summary(summary: dict, out: Path | None, md: Path | None, to_markdown) -> None:
+    """Print the summary as JSON (non-finite floats as null) and write it to `out` and, rendered, to `md`."""
+    text = json.dumps(summary, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o)
+                      else str(o))
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if md:
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(to_markdown(summary))
+
+
+def summary_command(argv: list[str] | None, script: str = "branch_reuse.py") -> str:
+    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def machine() -> str:
@@ -171,22 +183,32 @@ def machine() -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"`{summary['command']}` — {summary['machine']}, {summary['threads']} thread(s); digits-sd, "
-             f"{summary['steps']} DDIM steps, CFG {summary['guidance_scale']}, {summary['num_images']} images "
-             f"(seeds {summary['seed']}..), paired metrics against the plain images of the same seeds; branch reuse "
-             f"calibrated on {summary['calibration_images']} other images (seeds {summary['calibration_seed']}..).",
-             "", "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc |",
+    lines = [intro(summary, "branch reuse calibrated on"), "",
+             "| method | FLOPs ratio | PSNR dB | SSIM | feature dist | FID | class acc |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
-        p = r.get("paired") or {}
-
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-        lines.append(f"| {r['name']} | {f(r.get('flops_ratio', 1.0), '.3f')} | {f(p.get('psnr'), '.2f')} | "
-                     f"{f(p.get('ssim'), '.4f')} | {f(p.get('feature_dist'), '.4f')} | {f(r['fid'], '.3f')} | "
-                     f"{f(r['class_accuracy'], '.3f')} |")
+        lines.append(f"| {r['name']} | {cell(r.get('flops_ratio', 1.0), '.3f')} | {quality_cells(r)} |")
     lines += [f"- {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def intro(summary: dict, calibrated: str) -> str:
+    """The report's first line: command, machine, model, steps, CFG, seeds and calibration images."""
+    return (f"`{summary['command']}` — {summary['machine']}, {summary['threads']} thread(s); {summary['model']}, "
+            f"{summary['steps']} DDIM steps, CFG {summary['guidance_scale']}, {summary['num_images']} images "
+            f"(seeds {summary['seed']}..), paired metrics against the uncached images of the same seeds; {calibrated} "
+            f"{summary['calibration_images']} other images (seeds {summary['calibration_seed']}..).")
+
+
+def cell(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def quality_cells(r: dict) -> str:
+    """A row's `PSNR dB | SSIM | feature dist | FID | class acc` table cells."""
+    p = r.get("paired") or {}
+    return (f"{cell(p.get('psnr'), '.2f')} | {cell(p.get('ssim'), '.4f')} | {cell(p.get('feature_dist'), '.4f')} | "
+            f"{cell(r['fid'], '.3f')} | {cell(r['class_accuracy'], '.3f')}")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,11 @@ Progress on stderr; JSON on stdout (and --out).
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
 import time
-from pathlib import Path
 
+import branch_reuse
 import torch
-from branch_reuse import machine
+from branch_reuse import cell, emit_summary, machine, quality_cells
 from diffaccel.caching import CachePlan, apply_cache_plan, fora_plan, remove_cache_plan
 from diffaccel.caching.calibrate import DiTCalibrator, rows_ratio
 from diffaccel.caching.diffusers_caches import apply_diffusers_cache, calibrate_mag_ratios, remove_diffusers_cache
@@ -68,13 +64,7 @@ class UnitRows:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-images", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--seed", type=int, default=0, help="evaluation seeds seed .. seed + n - 1")
-    ap.add_argument("--calibration-images", type=int, default=16)
-    ap.add_argument("--calibration-seed", type=int, default=10_000)
+    ap = branch_reuse.calibration_parser(__doc__, num_images=200, steps=20, guidance=4.0, calibration_images=16)
     ap.add_argument("--fora", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--search", nargs="*", default=["dp", "greedy"], choices=["dp", "greedy", "local"],
                     help="how calibrated plans are chosen (caching.calibrate: error model + DP, greedy sampling, or "
@@ -85,10 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--taylorseer", type=int, nargs="*", default=[2, 3])
     ap.add_argument("--magcache", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--harmonica", nargs="*", default=["digits-dit-20-harmonica-b1", "digits-dit-20-harmonica-b2"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--save-plans", type=Path, default=None, help="write the calibrated plans into this folder")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load("digits-dit")
@@ -188,15 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                "num_images": args.num_images, "seed": args.seed, "calibration_images": args.calibration_images,
                "calibration_seed": args.calibration_seed, "threads": args.threads, "machine": machine(),
                "command": summary_command(argv), "rows": rows}
-    text = json.dumps(summary, indent=1, default=lambda o: None if isinstance(o, float) and not math.isfinite(o)
-                      else str(o))
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(summary))
+    emit_summary(summary, args.out, args.md, markdown)
     return 0
 
 
@@ -206,24 +184,16 @@ def _layout(pipe, plan: CachePlan) -> tuple:
 
 
 def summary_command(argv: list[str] | None) -> str:
-    return "python benchmarks/dit_caches.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return branch_reuse.summary_command(argv, "dit_caches.py")
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"`{summary['command']}` — {summary['machine']}, {summary['threads']} thread(s); digits-dit, "
-             f"{summary['steps']} DDIM steps, CFG {summary['guidance_scale']}, {summary['num_images']} images "
-             f"(seeds {summary['seed']}..), paired metrics against the uncached images of the same seeds; calibrated "
-             f"plans from {summary['calibration_images']} other images (seeds {summary['calibration_seed']}..).",
-             "", "| method | denoiser FLOPs ratio | units skipped | PSNR dB | SSIM | feature dist | FID | class acc |",
+    lines = [branch_reuse.intro(summary, "calibrated plans from"), "",
+             "| method | denoiser FLOPs ratio | units skipped | PSNR dB | SSIM | feature dist | FID | class acc |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(summary["rows"], key=lambda r: r["denoiser_flops_ratio"]):
-        p = r.get("paired") or {}
-
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-        lines.append(f"| {r['name']} | {f(r['denoiser_flops_ratio'], '.3f')} | {f(r['units_skipped'], '.1%')} | "
-                     f"{f(p.get('psnr'), '.2f')} | {f(p.get('ssim'), '.4f')} | {f(p.get('feature_dist'), '.4f')} | "
-                     f"{f(r['fid'], '.3f')} | {f(r['class_accuracy'], '.3f')} |")
+        lines.append(f"| {r['name']} | {cell(r['denoiser_flops_ratio'], '.3f')} | {cell(r['units_skipped'], '.1%')} "
+                     f"| {quality_cells(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -396,23 +396,30 @@ class Calibrator:
 
     @torch.no_grad()
     def measure_errors(self) -> torch.Tensor:
-        """e[s, k, a-1] (see `measure_reuse_errors`), two denoiser calls per (step, kind, age)."""
+        """e[s, k, a-1] (see `measure_reuse_errors`): the steps of `history` replayed fully, then step s with row
+        kind k; 2 denoiser calls per (step, kind, age), 3 with a forecast."""
         calls = self.traj.calls
         full_out = [self.guided(_prediction(self.model(*a, **k)).double()) for a, k in calls]
         ones = torch.ones_like(next(iter(self.kinds.values())))
         err = torch.full((len(calls), len(self.kinds), self.max_age), math.nan, dtype=torch.float64)
         for age in range(1, self.max_age + 1):
             for s in range(age, len(calls)):
+                history = self.history(s, age)
                 for i, row in enumerate(self.kinds.values()):
-                    self.attach(self.make_plan(torch.stack([ones, row]), {}))
+                    self.attach(self.make_plan(torch.stack([ones] * len(history) + [row]), {}))
                     try:
-                        self.model(*calls[s - age][0], **calls[s - age][1])
+                        for h in history:
+                            self.model(*calls[h][0], **calls[h][1])
                         out = _prediction(self.model(*calls[s][0], **calls[s][1])).double()
                     finally:
                         self.detach()
                     err[s, i, age - 1] = float((self.guided(out) - full_out[s]).pow(2).mean())
             _log(self.progress, f"reuse errors at cache age {age}: done")
         return err
+
+    def history(self, s: int, age: int) -> list[int]:
+        """The full steps replayed before step s to fill the caches at cache age `age` (the last one)."""
+        return [s - age]
 
     @torch.no_grad()
     def call_flops(self, plan: Any | None) -> float:
@@ -618,28 +625,9 @@ class DiTCalibrator(Calibrator):
         self.forecast = forecast
         super().__init__(pipe, conditions, **kwargs)
 
-    @torch.no_grad()
-    def measure_errors(self) -> torch.Tensor:
-        if not self.forecast:
-            return super().measure_errors()
-        calls = self.traj.calls
-        full_out = [self.guided(_prediction(self.model(*a, **k)).double()) for a, k in calls]
-        ones = torch.ones_like(next(iter(self.kinds.values())))
-        err = torch.full((len(calls), len(self.kinds), self.max_age), math.nan, dtype=torch.float64)
-        for age in range(1, self.max_age + 1):
-            for s in range(age, len(calls)):
-                history = [s - 2 * age, s - age] if s >= 2 * age else [s - age]
-                for i, row in enumerate(self.kinds.values()):
-                    self.attach(self.make_plan(torch.stack([ones] * len(history) + [row]), {}))
-                    try:
-                        for h in history:
-                            self.model(*calls[h][0], **calls[h][1])
-                        out = _prediction(self.model(*calls[s][0], **calls[s][1])).double()
-                    finally:
-                        self.detach()
-                    err[s, i, age - 1] = float((self.guided(out) - full_out[s]).pow(2).mean())
-            _log(self.progress, f"reuse errors at cache age {age} (forecast): done")
-        return err
+    def history(self, s: int, age: int) -> list[int]:
+        """With the forecast, the two previous computations `age` steps apart (where they exist)."""
+        return [s - 2 * age, s - age] if self.forecast and s >= 2 * age else [s - age]
 
     def row_kinds(self) -> dict[str, torch.Tensor]:
         from .harmonica import unit_modules
