@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser, *, with_stage: bool) -> argparse.A
                             "guidance: LoRA guidance distillation")
     g = p.add_argument_group("models")
     g.add_argument("--pretrained_teacher_model", default="digits-sd",
-                   help="teacher: a zoo entry (digits-sd, random-sd) or a saved pipeline folder "
-                        "(StableDiffusionPipeline or RectifiedFlowPipeline); default digits-sd")
+                   help="teacher: a zoo entry (digits-sd, random-sd, digits-flux, random-flux) or a saved pipeline "
+                        "folder (StableDiffusionPipeline, RectifiedFlowPipeline or FluxPipeline); default digits-sd")
     g.add_argument("--student_init", default=None,
                    help="pipeline folder or zoo entry the student UNet starts from (reflow/guidance: default the "
                         "teacher; one-step: required, the 2-RF)")
@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser, *, with_stage: bool) -> argparse.A
                    help="deterministic ODE solver of the teacher (euler for a rectified-flow teacher)")
     g.add_argument("--teacher_steps", type=steps_option, default=25, help="teacher solver steps (default 25)")
     g.add_argument("--teacher_guidance_scale", type=float_in(0.0, 100.0, lo_open=True), default=7.5,
-                   help="teacher CFG scale, Imagen form (1.0 = off, must be > 0; default 7.5 as the zoo baseline)")
+                   help="teacher CFG scale, Imagen form (1.0 = off, must be > 0; default 7.5 as the zoo baseline); "
+                        "on a FluxPipeline: true CFG against the empty prompt")
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default=None, help="where checkpoints and the final pipeline go")
     g.add_argument("--seed", type=seed_option, default=0, help="global seed (pairs, batches, times, initialisation)")

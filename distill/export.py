@@ -2,6 +2,8 @@
 
     python -m diffaccel.distill.export runs/onestep digits-sd-onestep --chain runs/pairs-sd runs/2rf \
         runs/pairs-2rf runs/onestep [--quality benchmarks/results/distill.json]
+    python -m diffaccel.distill.export runs/flux-onestep digits-flux-onestep --chain runs/pairs-flux \
+        runs/flux-2rf runs/flux-onestep [--quality benchmarks/results/distill_flux.json]
 
 The card records every stage of the chain: its exact command, seed, thread count and wall time.
 """
@@ -41,11 +43,12 @@ def export(src: str | Path, name: str, chain: list[str], quality: dict | None = 
            out_root: str | Path | None = None) -> Path:
     from ..zoo.paths import weights_dir
     from ..zoo.registry import record_digests
-    from .pipeline import RectifiedFlowPipeline
+    from .teachers import load_pipeline
 
     src = Path(src)
     out_root = Path(out_root) if out_root else weights_dir()
-    pipe = RectifiedFlowPipeline.from_pretrained(str(src), local_files_only=True)
+    pipe = load_pipeline(str(src))  # a RectifiedFlowPipeline, or a FluxPipeline for a flow teacher's student
+    kind = type(pipe).__name__
 
     def write(tmp: Path) -> None:
         pipe.to(torch.float16).save_pretrained(tmp)
@@ -54,17 +57,21 @@ def export(src: str | Path, name: str, chain: list[str], quality: dict | None = 
             if isinstance(cfg, dict) and {cfg.pop("_name_or_path", None), cfg.pop("name_or_path", None)} != {None}:
                 cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         stages = [_stage_record(Path(c)) for c in chain]
-        n_params = sum(p.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+        teacher = next((s["teacher"]["teacher"] for s in stages if s["stage"] == "pairs"), "its teacher")
+        n_params = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                       for p in m.parameters())
+        steps = json.loads((src / "distill_card.json").read_text()).get("distilled_steps") or 1
         card = {"name": name, "command": " && ".join(s["command"] or f"(stage {s['stage']})" for s in stages),
                 "stages": stages, "train_seconds": round(sum(s.get("train_seconds") or s.get("wall_seconds") or 0
                                                               for s in stages), 1),
-                "machine": stages[-1].get("machine", ""), "parameters": n_params, "quality": quality or {}}
+                "machine": stages[-1].get("machine", ""), "parameters": n_params, "pipeline": kind,
+                "distilled_steps": steps, "quality": quality or {}}
         (tmp / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-        lines = [f"# {name}", "", "Part of the diffaccel model zoo: made from `digits-sd` by the distillation chain "
-                 "below "
-                 "(diffaccel.distill; InstaFlow-style reflow then one-step distillation). Weights: safetensors stored "
-                 "as float16, loaded as float32. Load with `diffaccel.zoo.load(\"" + name + "\")` "
-                 "(a `RectifiedFlowPipeline`).", "", f"- parameters (all components): {n_params:,}", ""]
+        lines = [f"# {name}", "", f"Part of the diffaccel model zoo: made from `{teacher}` by the distillation chain "
+                 "below (diffaccel.distill; InstaFlow-style reflow then one-step distillation). Weights: safetensors "
+                 "stored as float16, loaded as float32. Load with `diffaccel.zoo.load(\"" + name + "\")` "
+                 f"(a `{kind}`) and call it with `num_inference_steps={steps}`, without classifier-free guidance.",
+                 "", f"- parameters (all components): {n_params:,}", ""]
         for s in stages:
             secs = s.get("train_seconds") or s.get("wall_seconds")
             lines.append(f"- {s['stage']}: `{s['command']}` (seed {s['seed']}, threads {s['threads']}, "

@@ -71,9 +71,11 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def latent_shape(teacher) -> tuple[int, int, int]:
-    unet = teacher.pipe.unet
-    return (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
+def latent_shape(teacher) -> tuple[int, ...]:
+    """One pair's latent shape (C, H, W): the teacher pipeline family's (unpacked, at its native size)."""
+    from ..core.families import family_for
+
+    return tuple(int(d) for d in family_for(teacher.pipe).latent_shape())
 
 
 class PairWriter:

@@ -71,10 +71,10 @@ def one_step_setup(state: TrainState) -> None:
 
     clf = zoo_load("digits-features", device=state.device).requires_grad_(False).eval()
     vae = state.base.vae
-    sf = vae.config.scaling_factor
+    sf, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None)
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z / sf).sample
+    def decode(z: torch.Tensor) -> torch.Tensor:  # pair latents are (vae latent − shift) · scale
+        return vae.decode(z / sf + shift if shift else z / sf).sample
 
     def features(x: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (1, 32, 32):
@@ -165,7 +165,8 @@ STAGE_TABLE: dict[str, Stage] = {s.name: s for s in (
           usage=lambda cfg, w, kind: f"{kind}, Euler, e.g. 25/4/1 steps"),
     Stage("one-step", "distil a reflowed model into a one-step student",
           loss=one_step_loss, setup=one_step_setup,
-          usage=lambda cfg, w, kind: f"{kind}, {cfg.distill_k} Euler step(s), guidance_scale 1.0",
+          usage=lambda cfg, w, kind: f"{kind}, {cfg.distill_k} Euler step(s) (num_inference_steps="
+                                     f"{cfg.distill_k}), without classifier-free guidance",
           sample_steps=lambda cfg: cfg.distill_k),
     Stage("guidance", "LoRA guidance distillation: one conditional pass gives the CFG output",
           loss=guidance_loss, setup=guidance_setup, trainable=lora_parameters,

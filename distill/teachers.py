@@ -17,6 +17,8 @@ from ..core.schedulers import class_name, is_stochastic
 from ..core.weights import check_finite_parameters, check_pipeline_folder
 
 SD_SOLVERS = ("ddim", "dpmsolver++")
+#: the saved pipeline classes a teacher or student folder may hold
+PIPELINE_KINDS = ("StableDiffusionPipeline", "RectifiedFlowPipeline", "FluxPipeline")
 
 
 class TeacherError(InputError):
@@ -104,6 +106,48 @@ class RectifiedFlowEulerTeacher:
                 "weights": weights_fingerprint(self.pipe.unet)}
 
 
+class FlowPipelineTeacher:
+    """A flow-matching pipeline (Flux) run by its own sampler, FlowMatchEulerDiscreteScheduler: Euler steps of the
+    flow ODE dx/dσ = v(x, σ) on the pipeline's own (shifted) σ grid — deterministic with `stochastic_sampling` off.
+    Guidance w > 1 is true classifier-free guidance against the empty prompt (Imagen form). z0 and z1 are unpacked
+    latents (C, H, W); the family packs them as the pipeline does, so z1 is exactly what
+    ``pipe(prompt, latents=pack(z0), output_type="latent")`` returns, unpacked. The teacher of flow-native reflow
+    (Liu et al. 2022, arXiv 2209.03003, §2.2: the flow is already a 1-rectified flow)."""
+
+    deterministic = True
+
+    def __init__(self, pipe, *, steps: int = 28, name: str = "pipeline"):
+        from ..core.families import family_for
+
+        if steps < 1:
+            raise TeacherError(f"teacher steps must be >= 1, got {steps}")
+        check_deterministic(pipe.scheduler)
+        self.pipe, self.steps, self.name = pipe, int(steps), name
+        self.family = family_for(pipe)
+        pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.family.latent_shape()
+
+    def __call__(self, z0: torch.Tensor, prompts: list[str], guidance_scale: float) -> torch.Tensor:
+        w = check_guidance(guidance_scale)
+        fam, denoiser = self.family, self.family.denoiser
+        latents = fam.pack(z0.to(self.pipe.device, denoiser.dtype))
+        with torch.no_grad():
+            out = self.pipe(list(prompts), latents=latents, num_inference_steps=self.steps, output_type="latent",
+                            **fam.unguided_kwargs(), **fam.guided_kwargs(w, len(prompts)))
+        return fam.unpack(out.images).float().cpu()
+
+    def describe(self) -> dict:
+        fam = self.family
+        return {"kind": "flow-pipeline", "family": fam.name, "teacher": self.name, "solver": "flow-euler",
+                "steps": self.steps, "scheduler": type(self.pipe.scheduler).__name__,
+                "scheduler_config": {k: v for k, v in dict(self.pipe.scheduler.config).items()
+                                     if not k.startswith("_")},
+                "latent_shape": list(self.latent_shape), "weights": weights_fingerprint(fam.denoiser)}
+
+
 def check_deterministic(scheduler) -> None:
     """Refuse samplers that inject noise (the scheduler capability table): the map z0 → z1 must be a function."""
     name = class_name(scheduler)
@@ -136,14 +180,17 @@ def pipeline_kind(path: str | Path) -> str:
 
 def load_pipeline(name_or_path: str, device: str | torch.device = "cpu"):
     """A zoo entry name (e.g. `digits-sd`, `random-sd`) or a saved pipeline folder → pipeline (fp32, eval)."""
+    from ..core.families import family_for
     from ..zoo.registry import ENTRIES, ZooError
     from ..zoo.registry import load as zoo_load
 
     if name_or_path in ENTRIES:
         try:
-            return zoo_load(name_or_path, device=device)
+            pipe = zoo_load(name_or_path, device=device)
         except ZooError as exc:  # missing or damaged zoo weights stay weights errors (exit code 3)
             raise ZooError(f"teacher {name_or_path!r}: {exc}") from exc
+        family_for(pipe).use_vae_resolution()
+        return pipe
     path = Path(name_or_path)
     if not path.exists():
         raise TeacherError(f"teacher {name_or_path!r} not found: neither a zoo entry ({', '.join(ENTRIES)}) "
@@ -164,22 +211,32 @@ def load_pipeline(name_or_path: str, device: str | torch.device = "cpu"):
 
         pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, feature_extractor=None,
                                                        requires_safety_checker=False, **safe)
+    elif kind == "FluxPipeline":
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(str(path), **safe)
     else:
         raise TeacherError(f"teacher {path}: pipeline class {kind!r} is not supported "
-                           "(StableDiffusionPipeline or RectifiedFlowPipeline)")
+                           f"({', '.join(PIPELINE_KINDS)})")
     check_finite_parameters(pipe, fix=fix, what=f"teacher {path}")
+    family_for(pipe).use_vae_resolution()
     return pipe.to(device)
 
 
 def make_teacher(name_or_path: str, *, solver: str = "ddim", steps: int = 25,
                  device: str | torch.device = "cpu") -> TeacherSampler:
-    """Load a teacher and wrap it: SD pipelines get `solver`, rectified-flow pipelines Euler steps."""
-    from .pipeline import RectifiedFlowPipeline
+    """Load a teacher and wrap it by what its family's denoiser predicts: ε-model pipelines get `solver`,
+    rectified-flow pipelines Euler steps, flow-matching pipelines (Flux) their own flow-matching Euler sampler."""
+    from ..core.families import family_for
 
     pipe = load_pipeline(name_or_path, device)
-    if isinstance(pipe, RectifiedFlowPipeline):
-        if solver not in ("euler", "ddim"):  # ddim is the default flag value; a RF teacher always uses Euler
-            raise TeacherError(f"a rectified-flow teacher is integrated with Euler steps, not {solver!r}")
+    prediction = family_for(pipe).prediction
+    if prediction in ("rf", "flow"):
+        if solver not in ("euler", "ddim"):  # ddim is the default flag value; a flow teacher always uses Euler
+            raise TeacherError(f"a {'rectified-flow' if prediction == 'rf' else 'flow-matching'} teacher is "
+                               f"integrated with Euler steps, not {solver!r}")
+        if prediction == "flow":
+            return FlowPipelineTeacher(pipe, steps=steps, name=str(name_or_path))
         return RectifiedFlowEulerTeacher(pipe, steps=steps, name=str(name_or_path))
     if solver == "euler":
         raise TeacherError(f"teacher {name_or_path!r} is an ε-model pipeline; use --teacher_solver ddim or dpmsolver++")

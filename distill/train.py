@@ -30,6 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,8 +125,8 @@ def run_training(cfg: DistillConfig) -> dict:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    from ..core.families import family_for
     from .pairs import PairDataset, PairsError, test_hook
-    from .pipeline import RectifiedFlowPipeline
 
     stage = STAGE_TABLE[cfg.stage]
     try:
@@ -148,35 +149,34 @@ def run_training(cfg: DistillConfig) -> dict:
     set_seed(cfg.seed)
     device = accelerator.device
     base = _load_base(cfg, device)
-    is_rf_base = isinstance(base, RectifiedFlowPipeline)
-    if cfg.stage == "one-step" and not is_rf_base:
-        raise DistillInputError(f"--student_init {cfg.student_init} is a {type(base).__name__}; one-step distillation "
-                                "starts from a reflowed RectifiedFlowPipeline (run --stage reflow first)")
-    unet = base.unet
+    fam = family_for(base)
+    check_base(cfg, base, fam)
+    is_rf_base = fam.prediction != "eps"
+    denoiser = fam.denoiser
     shape = tuple(data.z0.shape[1:])
-    want = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    want = tuple(fam.latent_shape())
     if shape != want:
-        raise DistillInputError(f"pairs in {cfg.pairs_dir} have latent shape {shape} but the student UNet "
-                                f"expects {want}")
-    for m in (base.text_encoder, base.vae):
-        m.requires_grad_(False).eval()
+        raise DistillInputError(f"pairs in {cfg.pairs_dir} have latent shape {shape} but the student "
+                                f"{type(denoiser).__name__} expects {want}")
+    for m in base.components.values():  # text encoders, VAE: frozen
+        if isinstance(m, torch.nn.Module) and m is not denoiser:
+            m.requires_grad_(False).eval()
     if accelerator.is_main_process:  # every input is checked: only now is anything written
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(run_cfg, indent=1) + "\n")
 
-    trainable = stage.trainable(cfg, unet)
-    unet.train()
+    trainable = stage.trainable(cfg, denoiser)
+    model = fam.rf_velocity_model()  # the denoiser itself, or (Flux) a wrapper in rectified-flow convention
+    model.train()
     assert all(p.dtype == torch.float32 for p in trainable), "trainable (master) weights must be fp32"
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     ema = None
     if cfg.use_ema:
-        from diffusers import UNet2DConditionModel
-
-        ema = EMAModel(trainable, decay=cfg.ema_decay, model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema = EMAModel(trainable, decay=cfg.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
@@ -195,23 +195,22 @@ def run_training(cfg: DistillConfig) -> dict:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if accelerator.is_main_process and cfg.report_to != "none":
         tracked = {k: v for k, v in cfg.scalars().items() if v is not None}
         accelerator.init_trackers(cfg.tracker_project_name, config=tracked)
 
-    # Text embeddings of every prompt (and of ''), once: the text encoder is frozen.
-    embed_cache: dict[str, torch.Tensor] = {}
+    # Text conditioning of every prompt (and of ''), once: the text encoders are frozen.
+    embed_cache: dict[str, Any] = {}
 
-    def embed(prompts: list[str]) -> torch.Tensor:
+    def embed(prompts: list[str]) -> Any:
         missing = sorted({p for p in prompts if p not in embed_cache})
         if missing:
-            e = base.encode_prompt(missing, device) if is_rf_base else base.encode_prompt(
-                missing, device, 1, False)[0]
-            embed_cache.update({p: e[i].float() for i, p in enumerate(missing)})
-        return torch.stack([embed_cache[p] for p in prompts])
+            rows = fam.text_rows(missing)
+            embed_cache.update({p: _take_row(rows, i) for i, p in enumerate(missing)})
+        return _stack_rows([embed_cache[p] for p in prompts])
 
-    state = TrainState(cfg=cfg, model=unet, raw_model=accelerator.unwrap_model(unet), base=base,
+    state = TrainState(cfg=cfg, model=model, raw_model=accelerator.unwrap_model(model), base=base,
                        is_rf_base=is_rf_base, device=device, embed=embed,
                        pairs_guidance_scale=float(data.manifest["config"]["guidance_scale"]))
     stage.setup(state)
@@ -237,7 +236,7 @@ def run_training(cfg: DistillConfig) -> dict:
                 prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
             batch = MicroBatch(z0=data.z0[idx].to(device), z1=data.z1[idx].to(device), cond=embed(prompts),
                                prompts=prompts, generator=gen)
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with accelerator.accumulate(model), accelerator.autocast():
                 loss = stage.loss(state, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -258,7 +257,7 @@ def run_training(cfg: DistillConfig) -> dict:
             if global_step % cfg.checkpointing_steps == 0 and global_step < max_steps:
                 save_checkpoint(accelerator, out, global_step, cfg.checkpoints_total_limit)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-                validate(cfg, base, accelerator.unwrap_model(unet), ema, trainable, out, global_step, is_rf_base)
+                validate(cfg, base, denoiser, ema, trainable, out, global_step)
             test_hook(f"train:step{global_step}")
 
     accelerator.wait_for_everyone()
@@ -266,31 +265,65 @@ def run_training(cfg: DistillConfig) -> dict:
     info = {"stage": cfg.stage, "steps": global_step, "final_loss": last_loss, "train_seconds": train_seconds,
             "output_dir": str(out)}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable)
-        save_final(cfg, base, final, out, data, info, loss_log, is_rf_base, state.guidance_scale)
-        validate(cfg, base, final, None, trainable, out, global_step, is_rf_base)
+        save_final(cfg, base, denoiser, out, data, info, loss_log, state.guidance_scale)
+        validate(cfg, base, denoiser, None, trainable, out, global_step)
     accelerator.end_training()
     print(json.dumps(info), flush=True)
     return info
 
 
-def _student_pipeline(cfg: DistillConfig, base, unet, is_rf_base: bool):
+def check_base(cfg: DistillConfig, base, fam) -> None:
+    """What the stage needs of the model it starts from (its family's prediction), before anything is written."""
+    if cfg.stage == "one-step" and fam.prediction == "eps":
+        raise DistillInputError(f"--student_init {cfg.student_init} is a {type(base).__name__} (an ε-model); one-step "
+                                "distillation starts from a velocity model: a reflowed RectifiedFlowPipeline (run "
+                                "--stage reflow first) or a flow-matching pipeline")
+    if fam.prediction == "flow" and cfg.stage == "guidance":
+        raise DistillInputError(f"--stage guidance on a {type(base).__name__} is not supported: its LoRA target is "
+                                "a UNet's batched CFG; distil the flow teacher's true CFG through the pairs instead "
+                                "(--teacher_guidance_scale)")
+    if fam.prediction == "flow" and cfg.stage == "one-step" and cfg.distill_k > 1:
+        raise DistillInputError(f"--distill_k {cfg.distill_k} on a {type(base).__name__}: a k-step student is trained "
+                                "on the uniform grid {0, 1/k, ...} but the pipeline samples its own shifted σ grid; "
+                                "use --distill_k 1")
+
+
+def _take_row(rows: Any, i: int) -> Any:
+    if isinstance(rows, dict):
+        return {k: v[i].float() for k, v in rows.items()}
+    return rows[i].float()
+
+
+def _stack_rows(rows: list[Any]) -> Any:
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def _student_pipeline(cfg: DistillConfig, base, denoiser):
+    """The pipeline a trained student is saved and sampled as: a flow-matching base keeps its own pipeline class
+    (FluxPipeline samples a one-step student with `num_inference_steps=1`); a UNet student becomes a
+    RectifiedFlowPipeline, except the guidance stage on an ε-model, which stays a Stable Diffusion pipeline."""
+    from ..core.families import family_for
     from .pipeline import RectifiedFlowPipeline
 
-    if cfg.stage == "guidance" and not is_rf_base:
+    fam = family_for(base)
+    if fam.prediction == "flow":
+        return fam.with_denoiser(denoiser)
+    if cfg.stage == "guidance" and fam.prediction == "eps":
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=unet, scheduler=base.scheduler, safety_checker=None,
+                                       unet=denoiser, scheduler=base.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     k = cfg.distill_k if cfg.stage == "one-step" else None
-    return RectifiedFlowPipeline.from_components(base, unet=unet, distilled_steps=k)
+    return RectifiedFlowPipeline.from_components(base, unet=denoiser, distilled_steps=k)
 
 
 @torch.no_grad()
-def validate(cfg: DistillConfig, base, unet, ema, trainable, out: Path, step: int, is_rf_base: bool) -> None:
+def validate(cfg: DistillConfig, base, unet, ema, trainable, out: Path, step: int) -> None:
     """Images for fixed prompts and seeds into validation/step-<g>.png (EMA weights swapped in, then restored).
 
     Uses its own generators, so it never touches the training RNG streams."""
@@ -304,15 +337,17 @@ def validate(cfg: DistillConfig, base, unet, ema, trainable, out: Path, step: in
     was_training = unet.training
     unet.eval()
     try:
-        pipe = _student_pipeline(cfg, base, unet, is_rf_base)
+        from ..core.families import family_for
+
+        pipe = _student_pipeline(cfg, base, unet)
         pipe.set_progress_bar_config(disable=True)
         steps = STAGE_TABLE[cfg.stage].sample_steps(cfg)
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0,
-                          generator=make_generators(0, len(prompts)), output_type="np").images
+            images = pipe(prompts, num_inference_steps=steps, generator=make_generators(0, len(prompts)),
+                          output_type="np", **family_for(pipe).unguided_kwargs()).images
         grid = pipeline_output_to_uint8(images)  # (N, C, H, W)
         row = torch.cat(list(grid), dim=-1)
         from PIL import Image
@@ -327,7 +362,7 @@ def validate(cfg: DistillConfig, base, unet, ema, trainable, out: Path, step: in
             ema.restore(trainable)
 
 
-def save_final(cfg: DistillConfig, base, unet, out: Path, data, info: dict, loss_log, is_rf_base: bool,
+def save_final(cfg: DistillConfig, base, unet, out: Path, data, info: dict, loss_log,
                w_guidance: float | None) -> None:
     """The loadable pipeline (save_pretrained, safetensors) plus distill_card.json and README.md."""
     unet.eval()
@@ -340,10 +375,14 @@ def save_final(cfg: DistillConfig, base, unet, out: Path, data, info: dict, loss
                   str(out / "lora" / "adapter_model.safetensors"))
         unet.fuse_lora()
         unet.unload_lora()
-    pipe = _student_pipeline(cfg, base, unet, is_rf_base)
+    from ..core.families import family_for
+
+    pipe = _student_pipeline(cfg, base, unet)
     pipe.save_pretrained(str(out))
     card = {
         "stage": cfg.stage,
+        "family": family_for(pipe).name,
+        "distilled_steps": cfg.distill_k if cfg.stage == "one-step" else None,
         "command": _command(),
         "student_init": str(cfg.student_init or cfg.pretrained_teacher_model),
         "pairs_dir": str(cfg.pairs_dir), "pairs_config_hash": data.config_hash, "num_pairs": len(data),
@@ -386,7 +425,11 @@ def cli_entry(argv: list[str] | None = None) -> int:
     """`python -m diffaccel.distill.train`: errors become one line and their exit code (core/errors.py)."""
     from ..core.errors import run_command
 
-    return run_command(lambda: main(argv), debug=bool(os.environ.get("DIFFACCEL_DEBUG")))
+    def run() -> int:
+        main(argv)  # the stage's summary (a dict) is printed as JSON; success is exit code 0
+        return 0
+
+    return run_command(run, debug=bool(os.environ.get("DIFFACCEL_DEBUG")))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 * `PatchParallel` splits every denoiser call over the ranks of the default process group (DistriFusion, Li et al.
   CVPR 2024; PCPP; `parallel/`). Collective: apply the same recipe on every rank. With no process group it changes
   nothing (one device is the exact path).
-* `OneStep` swaps in a distilled one-step student's velocity UNet and its Euler scheduler (InstaFlow, Liu et al.
-  ICLR 2024, 2-rectified flow + distillation; `distill/`), keeping the teacher pipeline's text encoder, VAE and call
-  signature. The student runs without classifier-free guidance: when the pipeline batches a CFG call, only the
-  conditional rows are evaluated and handed back for both halves, so ``uncond + w·(cond − uncond)`` is exactly the
+* `OneStep` swaps in a distilled one-step student's denoiser and scheduler (InstaFlow, Liu et al. ICLR 2024,
+  2-rectified flow + distillation; `distill/`), keeping the teacher pipeline's text encoders, VAE and call
+  signature: on Stable Diffusion the student's velocity UNet and Euler scheduler (a `RectifiedFlowPipeline`), on
+  Flux the student's transformer (a `FluxPipeline` run with one step). The student runs without classifier-free
+  guidance (its teacher's guidance is distilled in): when the pipeline batches a CFG call, only the conditional rows
+  are evaluated and handed back for both halves; when it makes a separate unconditional call (Flux's true CFG), that
+  call returns the same step's conditional output. Either way ``uncond + w·(cond − uncond)`` is exactly the
   conditional output and the result equals the student's own pipeline.
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from ..core.families import PipelineFamily
 from ..core.hooks import StatefulHook, get_argument, register_hook, remove_hooks, set_argument
@@ -111,6 +115,8 @@ class PatchParallel(Method, name="patch-parallel", aliases=("pp",), slot="parall
 
 
 ONE_STEP_HOOK = "diffaccel.one_step.conditional_rows"
+#: pipeline family -> the family of the students that replace its denoiser
+STUDENT_FAMILIES = {"sd": "rf", "flux": "flux"}
 
 
 class _ConditionalRowsHook(StatefulHook):
@@ -136,6 +142,36 @@ class _ConditionalRowsHook(StatefulHook):
             return (torch.cat([out[0], out[0]]), *out[1:])
         out.sample = torch.cat([out.sample, out.sample])
         return out
+
+
+class _NoState(BaseState):
+    def reset(self) -> None:
+        return None
+
+
+class _ConditionalCallHook(StatefulHook):
+    """On a flow student: the pipeline's unconditional call of a step (diffusers' "uncond" cache context, which
+    FluxPipeline's true CFG opens) returns that step's conditional output instead of running the student."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = StateManager(_NoState)  # diffusers sets the pipeline's cache context on it
+        self.cond_output: Any = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            name = self.calls.context.name
+        except ValueError:  # no cache context: a plain call
+            name = None
+        if name == "uncond" and self.cond_output is not None:
+            return self.cond_output
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.cond_output = out if name == "cond" else None
+        return out
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cond_output = None
+        return module
 
 
 def _same_module(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -182,9 +218,9 @@ class OneStep(Method, name="one-step", aliases=("onestep",), slot="model", stage
         return None
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
-        if family.name != "sd":
-            raise CompositionError(f"{self} replaces the UNet of a Stable Diffusion pipeline; {type(pipe).__name__} "
-                                   f"is the {family.name!r} family")
+        if family.name not in STUDENT_FAMILIES:
+            raise CompositionError(f"{self} replaces the denoiser of a Stable Diffusion or Flux pipeline; "
+                                   f"{type(pipe).__name__} is the {family.name!r} family")
 
     def load(self) -> Any:
         from ..distill.teachers import load_pipeline
@@ -192,19 +228,32 @@ class OneStep(Method, name="one-step", aliases=("onestep",), slot="model", stage
         return load_pipeline(self.student)
 
     def apply(self, pipe: Any, ctx: ApplyContext) -> None:
+        from ..core.families import family_for
+
+        family = ctx.family
         student = self.load()
-        for part in ("text_encoder", "vae"):
-            mine, theirs = getattr(pipe, part), getattr(student, part)
-            if not _same_module(mine, theirs):
+        theirs = family_for(student)
+        if theirs.name != STUDENT_FAMILIES[family.name]:
+            raise CompositionError(f"{self}: the student is a {type(student).__name__}; a {type(pipe).__name__} "
+                                   f"takes a {STUDENT_FAMILIES[family.name]!r}-family student")
+        attr = family.denoiser_attr
+        for part, mine in pipe.components.items():
+            if part == attr or not isinstance(mine, torch.nn.Module):
+                continue
+            other = getattr(student, part, None)
+            if other is None or not _same_module(mine, other):
                 raise CompositionError(f"{self}: the student's {part} differs from the pipeline's; a student "
-                                       "shares its teacher's text encoder and VAE")
-        unet, scheduler = pipe.unet, pipe.scheduler
-        student_unet = student.unet.to(unet.device, unet.dtype)
-        register_hook(student_unet, _ConditionalRowsHook(pipe), ONE_STEP_HOOK)
-        pipe.unet, pipe.scheduler = student_unet, type(student.scheduler).from_config(student.scheduler.config)
+                                       "shares its teacher's text encoders and VAE")
+        denoiser, scheduler = getattr(pipe, attr), pipe.scheduler
+        student_denoiser = theirs.denoiser.to(denoiser.device, denoiser.dtype)
+        hook = _ConditionalRowsHook(pipe) if family.name == "sd" else _ConditionalCallHook()
+        register_hook(student_denoiser, hook, ONE_STEP_HOOK)
+        setattr(pipe, attr, student_denoiser)
+        pipe.scheduler = type(student.scheduler).from_config(student.scheduler.config)
 
         def restore() -> None:
-            remove_hooks(student_unet, [ONE_STEP_HOOK])
-            pipe.unet, pipe.scheduler = unet, scheduler
+            remove_hooks(student_denoiser, [ONE_STEP_HOOK])
+            setattr(pipe, attr, denoiser)
+            pipe.scheduler = scheduler
 
         ctx.on_remove(restore)

@@ -42,6 +42,10 @@ class PipelineFamily:
     uncond_first: ClassVar[bool] = True
     #: trained by flow matching (x = (1 - σ) x0 + σ ε, velocity output): VP-only methods refuse it
     flow_matching: ClassVar[bool] = False
+    #: what the denoiser outputs, for distillation: "eps" (an ε-model; reflow repurposes it into a velocity model),
+    #: "rf" (the velocity z1 − z0 in rectified-flow time, diffaccel's RectifiedFlowPipeline) or "flow" (flow
+    #: matching's noise − x0 on σ = 1 − s: the same field with the opposite sign)
+    prediction: ClassVar[str] = "eps"
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -119,6 +123,39 @@ class PipelineFamily:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> float images in [0, 1] (NCHW), what the pipeline returns with ``output_type="pt"``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ distillation (diffaccel.distill)
+    # Couplings are stored as one image's unpacked latent (C, H, W), already VAE-scaled; the student is trained as a
+    # rectified-flow velocity model ``m(z, τ, encoder_hidden_states=cond)`` with τ = 1000·(1 − s) (noise at s = 0).
+    def latent_shape(self) -> tuple[int, ...]:
+        """One image's latent at the pipeline's native size, as couplings store it."""
+        return tuple(self.noise_shape(1)[1:])
+
+    def text_rows(self, prompts: Sequence[str]) -> Any:
+        """The student's conditioning of each prompt (batch-first tensors, or a dict of them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no text conditioning for distillation")
+
+    def rf_velocity_model(self) -> torch.nn.Module:
+        """The denoiser as a rectified-flow velocity model. For UNet families this is the denoiser itself: reflow
+        trains its output to be the velocity (InstaFlow starts the 2-RF from the ε-model's weights)."""
+        return self.denoiser
+
+    def use_vae_resolution(self) -> None:
+        """Make the VAE's own resolution the pipeline's default size where the pipeline's default is another one
+        (default: nothing to do)."""
+
+    def guided_kwargs(self, guidance_scale: float, n: int) -> dict[str, Any]:
+        """Call arguments of `n` images at classifier-free guidance `guidance_scale` (Imagen form, 1 = off)."""
+        return {"guidance_scale": float(guidance_scale)}
+
+    def with_denoiser(self, denoiser: torch.nn.Module) -> Any:
+        """A pipeline of the same class sharing every component but the denoiser (a trained student)."""
+        components = {**self.pipe.components, self.denoiser_attr: denoiser}
+        return type(self.pipe)(**components)
+
+    def unguided_kwargs(self) -> dict[str, Any]:
+        """Call arguments of a generation without classifier-free guidance (a distilled student's call)."""
+        return {"guidance_scale": 1.0}
 
     def labels_text(self, labels: Sequence[int]) -> list[str]:
         """Readable names of class labels (for rewards that read text); the label itself when unnamed."""

@@ -39,6 +39,7 @@ class FluxFamily(MMDiTTextFamily):
     pipeline_classes = ("FluxPipeline",)
     default_guidance = 3.5
     t5_tokenizer_attr = "tokenizer_2"
+    prediction = "flow"
 
     def cfg_rows(self, guidance_scale: float | None) -> int:
         return 1
@@ -112,6 +113,99 @@ class FluxFamily(MMDiTTextFamily):
         z = pipe._unpack_latents(latents, self.image_size, self.image_size, pipe.vae_scale_factor)
         image = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+    # ------------------------------------------------------------------ distillation (diffaccel.distill)
+    # Couplings hold unpacked latents (C, H, W); the teacher and the student pack them as FluxPipeline does. The
+    # "teacher guidance" of distillation is true classifier-free guidance against the empty prompt (a second
+    # transformer call per step); FLUX.1-dev's embedded guidance, where the transformer has it, stays at the
+    # pipeline default in both the teacher and the student.
+    def use_vae_resolution(self) -> None:
+        """Default size = the VAE's `sample_size` (digits-flux 32 px, FLUX.1 1024 px): a FluxPipeline loaded from a
+        folder otherwise defaults to 1024 px whatever it was trained at."""
+        self.pipe.default_sample_size = int(self.pipe.vae.config.sample_size) // self.pipe.vae_scale_factor
+
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self._latent_hw()
+        return (self.denoiser.config.in_channels // 4, h, w)
+
+    def pack(self, z: torch.Tensor) -> torch.Tensor:
+        return pack_latents(z)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self._latent_hw()
+        return unpack_latents(x, h, w)
+
+    def guided_kwargs(self, guidance_scale: float, n: int) -> dict[str, Any]:
+        """True CFG against the empty prompt when `guidance_scale` > 1 (FluxPipeline's `true_cfg_scale`)."""
+        w = float(guidance_scale)
+        return {"true_cfg_scale": w, "negative_prompt": [""] * n} if w > 1.0 else {}
+
+    def unguided_kwargs(self) -> dict[str, Any]:
+        return text_length_kwargs(self.pipe.tokenizer_2)
+
+    def text_rows(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """T5 hidden states and the pooled CLIP embedding of each prompt, computed as the pipeline's call does
+        (without autograd, whose kernels round differently)."""
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+                                                        **text_length_kwargs(self.pipe.tokenizer_2))
+        return {"embeds": embeds, "pooled": pooled}
+
+    def rf_velocity_model(self) -> torch.nn.Module:
+        g = self.guidance(None) if self.denoiser.config.guidance_embeds else None
+        return FluxRFVelocity(self.denoiser, guidance=g)
+
+    def with_denoiser(self, denoiser: torch.nn.Module) -> Any:
+        pipe = super().with_denoiser(denoiser)
+        pipe.default_sample_size = self.pipe.default_sample_size
+        return pipe
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 · W/2, 4C): FluxPipeline's 2x2 patch packing."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = z.shape
+    return FluxPipeline._pack_latents(z, b, c, h, w)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents` for an (h, w) latent."""
+    b, _, c4 = x.shape
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+class FluxRFVelocity(torch.nn.Module):
+    """A Flux transformer as a rectified-flow velocity model on unpacked latents, the form distillation trains.
+
+    Flow matching writes x_σ = (1 − σ)·x0 + σ·ε and regresses noise − x0; rectified flow writes z_s = s·z1 +
+    (1 − s)·z0 with velocity z1 − z0 (Liu et al. 2022, arXiv 2209.03003, Eq. 1). With z0 = ε, z1 = x0 and σ = 1 − s
+    the two are the same path and the velocities differ only in sign, so ``m(z, τ) = −T(pack(z), σ = τ/1000)``,
+    with τ = 1000·(1 − s) as every student sees it: the flow teacher's transformer is already a 1-rectified flow
+    and reflow starts from it unchanged. `encoder_hidden_states` is `FluxFamily.text_rows`' dict."""
+
+    def __init__(self, transformer: torch.nn.Module, guidance: float | None = None) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.guidance = guidance
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: dict[str, torch.Tensor]) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, _, h, w = sample.shape
+        x = pack_latents(sample)
+        embeds, pooled = encoder_hidden_states["embeds"], encoder_hidden_states["pooled"]
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype)
+        guidance = None if self.guidance is None else torch.full((b,), self.guidance, device=x.device,
+                                                                 dtype=torch.float32)
+        sigma = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b).to(x.dtype) / 1000
+        out = self.transformer(hidden_states=x, timestep=sigma, guidance=guidance, pooled_projections=pooled,
+                               encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return -unpack_latents(out, h, w)
 
 
 def text_length_kwargs(t5_tokenizer: Any) -> dict[str, Any]:

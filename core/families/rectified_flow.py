@@ -3,9 +3,17 @@ velocity `UNet2DConditionModel` integrated by Euler steps; classifier-free guida
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 from .base import PipelineFamily
 
 
 class RectifiedFlowFamily(PipelineFamily):
     name, pipeline_classes, denoiser_attr = "rf", ("RectifiedFlowPipeline",), "unet"
     conditioning_kind, cond_kwarg = "text", "prompt"
+    prediction = "rf"
+
+    def text_rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.pipe.encode_prompt(list(prompts), self.device)

@@ -22,6 +22,10 @@ class StableDiffusionFamily(PipelineFamily):
         pos, neg = self.pipe.encode_prompt(list(conds), self.device, k, cfg, negative_prompt)
         return {"embeds": torch.cat([neg, pos]) if cfg else pos, "guidance_scale": guidance_scale}
 
+    def text_rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP hidden states without CFG rows (the student's `encoder_hidden_states`)."""
+        return self.pipe.encode_prompt(list(prompts), self.device, 1, False)[0]
+
     def eps(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor = None,
             guidance_scale: float = 1.0) -> torch.Tensor:
         cfg = guidance_scale > 1.0
