@@ -39,6 +39,7 @@ CAPABILITIES: dict[str, SchedulerCapabilities] = {
     "KDPM2DiscreteScheduler": _C(False, True, False),
     "DPMSolverSinglestepScheduler": _C(False, True, False),
     "FlowMatchEulerDiscreteScheduler": _C(None, False, True),
+    "FlowMatchSDEScheduler": _C(None, False, False),  # diffaccel's: eta > 0 (its default, 1) injects noise
     "FlowMatchHeunDiscreteScheduler": _C(False, True, False),
     "EulerAncestralDiscreteScheduler": _C(True, False, False),
     "KDPM2AncestralDiscreteScheduler": _C(True, True, False),
@@ -74,13 +75,18 @@ def capabilities(scheduler: Any) -> SchedulerCapabilities | None:
     return CAPABILITIES.get(class_name(scheduler))
 
 
-def is_stochastic(scheduler: Any, eta: float = 0.0) -> bool | None:
-    """Whether `scheduler.step` injects fresh noise (True/False), or None when the class is unknown."""
+def is_stochastic(scheduler: Any, eta: float | None = 0.0) -> bool | None:
+    """Whether `scheduler.step` injects fresh noise (True/False), or None when the class is unknown.
+
+    `eta` is the value given to ``step``: DDIM's defaults to 0 there; diffaccel's `FlowMatchSDEScheduler` uses its
+    config's `eta` when ``step`` gets None (stock Flux/SD3 pipelines pass none)."""
     inner = unwrap(scheduler)
     name = type(inner).__name__
     cfg = getattr(inner, "config", {}) or {}
     if name == "DDIMScheduler":
-        return eta > 0
+        return (eta or 0.0) > 0
+    if name == "FlowMatchSDEScheduler":
+        return (cfg.get("eta", 1.0) if eta is None else eta) > 0
     if name == "DPMSolverMultistepScheduler":
         return "sde" in str(cfg.get("algorithm_type", ""))
     if name == "FlowMatchEulerDiscreteScheduler":

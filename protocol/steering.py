@@ -58,16 +58,20 @@ class _Steering(Method, slot="steering", stage=Stage.CALL):
     def apply(self, pipe: Any, ctx: Any) -> None:
         """Nothing to install: the method runs when the handle is called."""
 
+    #: families whose components the steering loops drive (`core.families`)
+    FAMILIES = ("sd", "dit", "flux", "sd3")
+
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
-        if family.name not in ("sd", "dit"):
-            raise CompositionError(f"{self} drives Stable Diffusion and DiT pipelines; {type(pipe).__name__} is "
-                                   f"the {family.name!r} family")
+        if family.name not in self.FAMILIES:
+            raise CompositionError(f"{self} drives Stable Diffusion, DiT, Flux and SD3 pipelines; "
+                                   f"{type(pipe).__name__} is the {family.name!r} family")
 
 
 @dataclass(frozen=True)
 class FKSteering(_Steering, name="fk", aliases=("fk-steering",)):
     """FK steering with `k` particles per prompt; resampling at steps start, start+every, ... <= end and the
-    last step; DDIM-style samplers run with `eta` (FK needs fresh noise)."""
+    last step; DDIM-style samplers run with `eta` (FK needs fresh noise). On Flux/SD3 the pipeline's FlowMatch-Euler
+    runs as `FlowMatchSDEScheduler` with that `eta` (its stochastic counterpart with the ODE's marginals)."""
 
     k: int = 4
     potential: str = "max"
@@ -109,13 +113,16 @@ class FKSteering(_Steering, name="fk", aliases=("fk-steering",)):
         return cls(**parse_args(name, args, keys, positional=[("k", int)]))
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        from ..samplers.flow_sde import stochastic_counterpart
         from ..samplers.steering import check_sampler
 
         super().check(pipe, family, recipe)
         sampler = next((m for m in recipe if isinstance(m, Sampler)), None)
         scheduler = sampler.build(pipe.scheduler.config) if sampler is not None else pipe.scheduler
+        if family.flow_matching:
+            scheduler = stochastic_counterpart(scheduler)
         try:
-            check_sampler(scheduler, self.eta, self.fk_config())
+            check_sampler(scheduler, self.eta, self.fk_config(), flow=family.flow_matching)
         except ValueError as exc:
             what = str(sampler) if sampler is not None else f"the pipeline's {type(scheduler).__name__}"
             raise CompositionError(f"{self} cannot be combined with {what}: {exc}") from None
@@ -181,9 +188,12 @@ class BestOfN(_Steering, name="best-of-n", aliases=("bon",)):
             raise ValueError(f"best-of-n takes one generator per prompt; got {len(gens)} for {len(conds)} prompts")
         output_type = kwargs.pop("output_type", "pt")
         reward = resolve_reward(self.reward)
+        # Flux / SD3: the size and T5 length of the call (the search's loop checks them; other keys stay ignored)
+        sized = {k: kwargs[k] for k in ("height", "width", "max_sequence_length")
+                 if family.flow_matching and kwargs.get(k) is not None}
         searches = [best_of_n(handle.pipe, c, reward, n=self.n, eta=self.eta, generator=g,
                               num_inference_steps=kwargs.get("num_inference_steps", 50),
-                              guidance_scale=kwargs.get("guidance_scale"))
+                              guidance_scale=kwargs.get("guidance_scale"), **sized)
                     for c, g in zip(conds, gens, strict=True)]
         images = torch.cat([s.image for s in searches])
         if output_type == "np":

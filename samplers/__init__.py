@@ -1,12 +1,14 @@
-"""Samplers: the PNDM family and the Time-Shift sampler as drop-in diffusers schedulers.
+"""Samplers: the PNDM family, the Time-Shift sampler and a stochastic flow sampler as drop-in diffusers schedulers.
 
     pipe.scheduler = PseudoNumericalScheduler.from_config(pipe.scheduler.config, method="f-pndm")
     pipe.scheduler = TimeShiftScheduler.from_config(pipe.scheduler.config, window=30, cutoff=300)  # wraps it
+    pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, eta=1.0)  # Flux / SD3
 
 `num_inference_steps` counts transitions; `len(pipe.scheduler.timesteps)` is the number of model calls
 (`nfe_for(method, n)`; `transitions_for_nfe(method, nfe)` inverts it).
 """
 
+from .flow_sde import FlowMatchSDEScheduler
 from .pndm import METHODS, PseudoNumericalScheduler, nfe_for, transitions_for_nfe
 from .steering import (
     CallableReward,
@@ -31,6 +33,7 @@ __all__ = [
     "CompressibilityReward",
     "FKConfig",
     "FKSteering",
+    "FlowMatchSDEScheduler",
     "Reward",
     "SteeringOutput",
     "best_of_n",

@@ -23,7 +23,7 @@ import torch
 from ..core.errors import InputError
 
 #: diffusers schedulers that integrate a flow-matching model
-FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchSDEScheduler")
 #: options of FlowMatchEulerDiscreteScheduler that fix its sigma grid (passed through unchanged)
 SIGMA_OPTIONS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
                  "base_image_seq_len", "max_image_seq_len", "shift_terminal", "use_karras_sigmas",

@@ -46,6 +46,8 @@ class PipelineFamily:
     #: "rf" (the velocity z1 − z0 in rectified-flow time, diffaccel's RectifiedFlowPipeline) or "flow" (flow
     #: matching's noise − x0 on σ = 1 − s: the same field with the opposite sign)
     prediction: ClassVar[str] = "eps"
+    #: keys of `condition`'s dict holding one row per image (CFG-batched tensors hold several blocks of rows)
+    row_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
@@ -98,6 +100,23 @@ class PipelineFamily:
     def condition(self, conds: Sequence[Any], k: int, guidance_scale: float) -> dict[str, Any]:
         """Extra arguments of `eps` for `k` rows per conditioning (prompt-major), CFG-ready."""
         raise NotImplementedError
+
+    def condition_rows(self, cond: dict[str, Any]) -> tuple[str, ...]:
+        """The keys of `cond` (from `condition`) that hold per-image rows."""
+        return tuple(k for k in self.row_keys if isinstance(cond.get(k), torch.Tensor))
+
+    def reorder_condition(self, cond: dict[str, Any], rows: torch.Tensor) -> None:
+        """Reorder the per-image rows of `cond` in place (FK resampling: conditioning follows its particle).
+
+        Row ``i`` of the result is old row ``rows[i]``; a tensor batched for classifier-free guidance holds
+        ``c`` blocks of ``len(rows)`` rows and each block is reordered alike."""
+        n = len(rows)
+        for key in self.condition_rows(cond):
+            v = cond[key]
+            if v.shape[0] % n:
+                raise ValueError(f"{key} has {v.shape[0]} rows, not a multiple of the {n} images")
+            idx = rows.to(v.device)
+            cond[key] = v.reshape(v.shape[0] // n, n, *v.shape[1:])[:, idx].reshape(v.shape)
 
     def set_timesteps(self, scheduler: Any, steps: int) -> None:
         """Give `scheduler` the timesteps of a `steps`-step generation, as the pipeline's own call sets them."""

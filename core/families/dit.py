@@ -15,6 +15,7 @@ from .base import PipelineFamily
 class DiTFamily(PipelineFamily):
     name, pipeline_classes, denoiser_attr = "dit", ("DiTPipeline",), "transformer"
     conditioning_kind, cond_kwarg, default_guidance = "class", "class_labels", 4.0
+    row_keys = ("labels",)
     uncond_first = False  # [conditional; null class]
     NULL_CLASS = 1000  # what DiTPipeline uses
 

@@ -8,7 +8,8 @@ guidance (`true_cfg_scale` with a negative prompt) is a second, separate denoise
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +34,40 @@ class MMDiTTextFamily(PipelineFamily):
         kw = super().call_kwargs(cond, n, steps, guidance_scale)
         return {**kw, **text_length_kwargs(getattr(self.pipe, self.t5_tokenizer_attr, None)), **extra}
 
+    #: call arguments of the pipeline that diffaccel's own loops honour (`own_loop_call`)
+    OWN_LOOP_KWARGS: ClassVar[tuple[str, ...]] = ("height", "width", "max_sequence_length")
+
+    @contextmanager
+    def own_loop_call(self, kwargs: dict[str, Any]) -> Iterator[None]:
+        """Run one of diffaccel's loops (FK steering, noise search) at the call's ``height``/``width`` (square; set
+        through the pipeline's `default_sample_size` for the duration). Call arguments those loops would silently
+        drop are refused, as is a T5 length other than the one `condition` encodes with."""
+        from ..errors import InputError
+
+        pipe, name = self.pipe, type(self.pipe).__name__
+        extra = sorted(set(kwargs) - set(self.OWN_LOOP_KWARGS))
+        if extra:
+            raise InputError(f"{name}: diffaccel's own sampling loop takes {', '.join(self.OWN_LOOP_KWARGS)} besides "
+                             f"the prompt, steps, guidance_scale, eta and generator; got also {', '.join(extra)}")
+        length = text_length_kwargs(getattr(pipe, self.t5_tokenizer_attr, None)).get("max_sequence_length")
+        asked = kwargs.get("max_sequence_length")
+        if asked is not None and asked != length:
+            raise InputError(f"max_sequence_length={asked}: the {self.name} loop encodes prompts with "
+                             f"{length or 'the pipeline default'} T5 tokens (the T5 tokenizer's declared length)")
+        height, width = kwargs.get("height"), kwargs.get("width")
+        size = height if height is not None else width
+        original = pipe.default_sample_size
+        if size is not None:
+            unit = pipe.vae_scale_factor * (2 if self.name == "flux" else 1)
+            if (height is not None and width is not None and height != width) or int(size) % unit:
+                raise InputError(f"height={height}, width={width}: the {self.name} loop samples square images whose "
+                                 f"side is a multiple of {unit}")
+            pipe.default_sample_size = int(size) // pipe.vae_scale_factor
+        try:
+            yield
+        finally:
+            pipe.default_sample_size = original
+
 
 class FluxFamily(MMDiTTextFamily):
     name = "flux"
@@ -40,6 +75,7 @@ class FluxFamily(MMDiTTextFamily):
     default_guidance = 3.5
     t5_tokenizer_attr = "tokenizer_2"
     prediction = "flow"
+    row_keys = ("embeds", "pooled", "guidance")
 
     def cfg_rows(self, guidance_scale: float | None) -> int:
         return 1
@@ -71,19 +107,25 @@ class FluxFamily(MMDiTTextFamily):
         scheduler.set_timesteps(steps if "sigmas" not in extra else None, device=self.device, **extra)
 
     def condition(self, conds: Sequence[str], k: int, guidance_scale: float | None = None) -> dict[str, Any]:
-        """Text embeddings of `k` rows per prompt (prompt-major) and the embedded guidance (when the model has it)."""
+        """Text embeddings of `k` rows per prompt (prompt-major; each prompt encoded once and repeated, as the
+        pipeline's `num_images_per_prompt`) and the embedded guidance (when the model has it)."""
         pipe = self.pipe
-        prompts = [str(c) for c in conds for _ in range(k)]
         with torch.no_grad():
-            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=[str(c) for c in conds], prompt_2=None,
+                                                          device=self.device, num_images_per_prompt=k,
                                                           **text_length_kwargs(getattr(pipe, "tokenizer_2", None)))
+        n = len(embeds)
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((len(prompts),), self.guidance(guidance_scale), device=self.device,
-                                  dtype=torch.float32)
+            guidance = torch.full((n,), self.guidance(guidance_scale), device=self.device, dtype=torch.float32)
         h, w = self._latent_hw()
-        img_ids = pipe._prepare_latent_image_ids(len(prompts), h // 2, w // 2, self.device, embeds.dtype)
+        img_ids = pipe._prepare_latent_image_ids(n, h // 2, w // 2, self.device, embeds.dtype)
         return {"embeds": embeds, "pooled": pooled, "text_ids": text_ids, "img_ids": img_ids, "guidance": guidance}
+
+    def condition_rows(self, cond: dict[str, Any]) -> tuple[str, ...]:
+        """Embeddings and guidance rows; position ids only where they carry a batch dimension (older diffusers)."""
+        ids = tuple(k for k in ("img_ids", "text_ids") if isinstance(cond.get(k), torch.Tensor) and cond[k].ndim == 3)
+        return super().condition_rows(cond) + ids
 
     def noise_shape(self, n: int) -> tuple[int, ...]:
         h, w = self._latent_hw()

@@ -14,6 +14,7 @@ from .base import PipelineFamily
 class StableDiffusionFamily(PipelineFamily):
     name, pipeline_classes, denoiser_attr = "sd", ("StableDiffusionPipeline",), "unet"
     conditioning_kind, cond_kwarg, default_guidance = "text", "prompt", 7.5
+    row_keys = ("embeds",)
     has_step_callback = forwards_step_kwargs = True
 
     def condition(self, conds: Sequence[str], k: int, guidance_scale: float,

@@ -13,6 +13,11 @@ Two drivers share `ParticleSystem` (weights) and the rewards:
   permutes ``latents`` within each prompt's block.
 * `DiTPipeline` has no step callback and does not pass ``eta``/``generator`` to its scheduler, so it runs through
   `sample_fk`, our k-diffusion-style loop over the pipeline's own components (`core.families.DiTFamily`).
+* `FluxPipeline` and `StableDiffusion3Pipeline` (flow matching) run through `sample_fk` too, on
+  `FlowMatchSDEScheduler`: the pipeline's FlowMatch-Euler becomes its eta family on the same sigma grid (the call's
+  `eta`, 1 by default: ancestral steps with the probability-flow ODE's marginals; `samplers/flow_sde.py`), as
+  DDIM's `eta` makes SD's DDIM stochastic. Resampling reorders every per-particle conditioning row with the
+  particles (`PipelineFamily.reorder_condition`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import torch
 
 from ...core import count_nfe
 from ...core.errors import InputError
-from ...core.families import DiTFamily, StableDiffusionFamily, family_for, step_kwargs
+from ...core.families import DiTFamily, PipelineFamily, StableDiffusionFamily, family_for, step_kwargs
 from ...core.hooks import reorder_rows
 from ...core.schedulers import class_name, is_stochastic, keeps_history
-from ..flow import require_vp
+from ..flow import is_flow_scheduler, require_vp
+from ..flow_sde import check_eta, stochastic_counterpart
 from ..loop import sample
 from .potentials import INTERMEDIATE_POTENTIALS, POTENTIALS, ParticleSystem, Potential, resampling_events
 from .resampling import RESAMPLERS, Resampler, flat_indices, normalize_log_weights
@@ -140,20 +146,28 @@ class SteeringOutput:
 
 
 # ------------------------------------------------------------------------------------------------- sampler guard
-def check_sampler(scheduler, eta: float, config: FKConfig) -> None:
-    """FK needs fresh noise after each resampling, else copies never diverge; and no per-row history."""
-    require_vp(scheduler, "FK steering")
+def check_sampler(scheduler, eta: float, config: FKConfig, flow: bool = False) -> None:
+    """FK needs fresh noise after each resampling, else copies never diverge; and no per-row history.
+
+    `flow`: the pipeline is flow-matching (its scheduler must be a flow scheduler, and vice versa)."""
+    name = class_name(scheduler)
+    if not flow:
+        require_vp(scheduler, "FK steering")
+    elif not is_flow_scheduler(scheduler):
+        raise InputError(f"FK steering: the pipeline is flow-matching (x = (1 - sigma) x0 + sigma eps, velocity "
+                         f"output) but its {name} steps variance-preserving levels (alphas_cumprod); use "
+                         "FlowMatchSDEScheduler (or FlowMatchEulerDiscreteScheduler, which FK runs as it)")
     if config.num_particles == 1 or config.potential not in INTERMEDIATE_POTENTIALS:
         return
-    name = class_name(scheduler)
     if keeps_history(scheduler):
         raise InputError(f"{name} keeps per-row history that resampling would desynchronise; use DDPMScheduler, "
                          "DDIMScheduler (eta > 0) or EulerAncestralDiscreteScheduler")
     stochastic = is_stochastic(scheduler, eta)
     if stochastic is False and not config.allow_deterministic:
+        fix = ("FlowMatchSDEScheduler with eta > 0" if flow else
+               "a stochastic sampler (DDPM, DDIM with eta > 0, Euler-ancestral)")
         raise InputError(f"{name} (eta={eta}) is deterministic: resampled copies stay identical and FK degenerates to "
-                         "best-of-k. Use a stochastic sampler (DDPM, DDIM with eta > 0, Euler-ancestral) or pass "
-                         "allow_deterministic=True")
+                         f"best-of-k. Use {fix} or pass allow_deterministic=True")
     if stochastic is None:
         warnings.warn(f"cannot tell whether {name} injects noise; FK needs a stochastic sampler", stacklevel=3)
 
@@ -202,17 +216,20 @@ class X0Recorder:
 def sample_fk(eps_fn: Callable[..., torch.Tensor], x: torch.Tensor, scheduler, system: ParticleSystem,
               reward_fn: Callable[[torch.Tensor], torch.Tensor], events: Sequence[int],
               extra_args: dict | None = None, step_args: dict | None = None, score_final_sample: bool = True,
-              callback: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              callback: Callable[[dict], None] | None = None, family: PipelineFamily | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """FK steering (Singhal et al. 2025, Alg. 1) over a diffusers scheduler; rows are prompt-major ``B·k`` blocks.
 
     `eps_fn(x, t, **extra_args)` is the model output the scheduler expects; `reward_fn(z)` scores latents (or states)
     ``z``. Events score the parent's x̂0 (free: same model call); the final event scores the returned sample itself
     (textbook, so the product condition holds exactly) unless `score_final_sample=False` (reference timing).
-    Runs on `samplers.loop.sample`; `callback` gets its keys plus ``rewards`` and ``ancestors``. Returns the final
-    particles and their rewards ``[B·k]``.
+    Runs on `samplers.loop.sample`; `callback` gets its keys plus ``rewards`` and ``ancestors``. With `family`, each
+    resampling also reorders the per-particle rows of `extra_args` (`family.reorder_condition`, in place). Returns
+    the final particles and their rewards ``[B·k]``.
     """
     events, last = set(events), len(scheduler.timesteps) - 1
     state = {"rewards": torch.zeros(x.shape[0])}
+    extra_args = {} if extra_args is None else extra_args
 
     def resample(info: dict) -> torch.Tensor:
         i, x_new, ancestors = info["i"], info["x"], None
@@ -222,6 +239,8 @@ def sample_fk(eps_fn: Callable[..., torch.Tensor], x: torch.Tensor, scheduler, s
             rewards = reward_fn(target)
             ancestors = flat_indices(system.event(rewards, final=i == last))
             x_new, state["rewards"] = x_new[ancestors.to(x_new.device)], rewards[ancestors]
+            if family is not None:
+                family.reorder_condition(extra_args, ancestors)
         if callback is not None:
             callback({**info, "x": x_new, "rewards": state["rewards"], "ancestors": ancestors})
         return x_new
@@ -290,6 +309,9 @@ class FKSteering:
                  prompts_for_reward: Sequence[str] | None = None, **pipeline_kwargs) -> SteeringOutput:
         self.counts = {"vae_decodes": 0, "reward_calls": 0, "reward_items": 0}
         events = self.config.events(num_inference_steps)
+        if self.family.flow_matching:
+            return self._run_flow(prompt, num_inference_steps, guidance_scale, eta, generator, output_type, events,
+                                  pipeline_kwargs)
         check_sampler(self.pipe.scheduler, eta, self.config)
         if isinstance(self.family, StableDiffusionFamily):
             if prompt is None or (not isinstance(prompt, str) and len(prompt) == 0):
@@ -368,6 +390,34 @@ class FKSteering:
                                          events, fam.condition(labels, k, guidance_scale),
                                          step_kwargs(scheduler, eta, generator),
                                          score_final_sample=self.config.compat == "textbook",
-                                         callback=self._follow_particles)
+                                         callback=self._follow_particles, family=fam)
         images = self._postprocess(latents, output_type)
         return self._output(images, latents, rewards, system, events, nfe)
+
+    def _run_flow(self, prompt, steps, guidance_scale, eta, generator, output_type, events,
+                  kwargs) -> SteeringOutput:
+        """Flux / SD3: our loop on `FlowMatchSDEScheduler` (the pipeline's FlowMatch-Euler made stochastic by `eta`,
+        same sigma grid); the stock pipeline with that scheduler and `noise_generator` set to the call's generator
+        draws the same numbers, so k = 1 reproduces it."""
+        fam = self.family
+        if prompt is None or (not isinstance(prompt, str) and len(prompt) == 0):
+            raise InputError(f"{type(self.pipe).__name__} needs `prompt` (a string or a non-empty list)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        check_eta(eta)
+        scheduler = stochastic_counterpart(self.pipe.scheduler)
+        check_sampler(scheduler, eta, self.config, flow=True)
+        k = self.config.num_particles
+        row_prompts = [p for p in prompts for _ in range(k)]
+        system = self._system(len(prompts), generator)
+        with fam.own_loop_call(kwargs):
+            fam.set_timesteps(scheduler, steps)
+            cond = fam.condition(prompts, k, guidance_scale)
+            x = fam.init_latents(len(row_prompts), generator)
+            with count_nfe(self.pipe) as nfe:
+                latents, rewards = sample_fk(fam.eps, x, scheduler, system, lambda z: self._score(z, row_prompts),
+                                             events, cond, step_kwargs(scheduler, eta, generator),
+                                             score_final_sample=self.config.compat == "textbook",
+                                             callback=self._follow_particles, family=fam)
+            images = self._postprocess(latents, output_type)
+        return self._output(images, latents, rewards, system, events, nfe)
+

@@ -110,7 +110,7 @@ def test_result_tables_and_zip(runner):
     ({"steering": "FK steering", "sampler": "UniPC"},
      "cannot be combined with unipc:grid=model: UniPCMultistepScheduler keeps"),
     ({"steering": "best-of-N", "particles": 1}, "best-of-N needs N >= 2"),
-    ({"model": "digits-ddpm", "steering": "best-of-N"}, "drives Stable Diffusion and DiT pipelines"),
+    ({"model": "digits-ddpm", "steering": "best-of-N"}, "drives Stable Diffusion, DiT, Flux and SD3 pipelines"),
     ({"model": "digits-sd", "cache": "FORA"}, "fora:2:steps=4 caches transformer blocks"),
     ({"one_step": True, "cache": "encoder propagation"}, "nothing to reuse"),
     ({"model": "digits-dit", "prompt": "1", "one_step": True}, "distilled from digits-sd"),

@@ -90,3 +90,46 @@ def test_fora_recipes_apply_on_shifted_flow_schedulers(name):
         with accelerate(pipe, "fora:2:steps=4"):
             assert not torch.equal(sample(), ref)
         assert torch.equal(sample(), ref)  # removal restores
+
+
+@pytest.mark.parametrize("name", ["random-flux", "random-sd3"])
+def test_steering_recipes_run_on_flow_pipelines(name):
+    """`fk:K` runs the pipeline's FlowMatch-Euler as its stochastic counterpart (FlowMatchSDEScheduler, eta 1) and
+    equals FKSteering called directly; `best-of-n:K` keeps one image per prompt; the scheduler is restored."""
+    from diffaccel.samplers.steering import ClassifierReward, FKConfig, FKSteering
+
+    pipe = load(name)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler = pipe.scheduler
+    kw = dict(max_sequence_length=16, output_type="pt", **({"height": 32, "width": 32} if "flux" in name else {}))
+    prompts = ["a handwritten digit seven", "a handwritten digit one"]
+    with torch.no_grad():
+        with accelerate(pipe, "fk:2:every=2:start=1:end=3:select=all") as h:
+            out = h(prompts, num_inference_steps=4, generator=make_generators(0, 4), **kw)
+        direct = FKSteering(pipe, ClassifierReward(), FKConfig(num_particles=2, resample_every=2, resample_start=1,
+                                                               resample_end=3))(
+            prompts, num_inference_steps=4, generator=make_generators(0, 4), eta=1.0, **kw)
+        assert torch.equal(out.images, direct.images) and torch.equal(out.ancestry, direct.ancestry)
+        assert out.images.shape[0] == 4 and out.events == [1, 3]
+        # the flow `ddim` sampler is FlowMatch-Euler: FK runs it as the same stochastic counterpart
+        with accelerate(pipe, "ddim@4 + fk:2:every=2:start=1:end=3:select=all") as h:
+            assert torch.equal(h(prompts, generator=make_generators(0, 4), **kw).images, out.images)
+        with accelerate(pipe, "best-of-n:2") as h:
+            best = h(prompts, num_inference_steps=4, generator=make_generators(0, 2), **kw)
+        assert best.images.shape[0] == 2 and all(s.nfe["nfe"] == 8 for s in best.searches)
+    assert pipe.scheduler is scheduler
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ("ddpm@8 + fk:2", ["ddpm@8", "variance-preserving", "flow-matching"]),
+    ("fk:2:eta=0", ["fk:2", "deterministic", "FlowMatchSDEScheduler with eta > 0"]),
+    ("s-pndm@8 + fk:2", ["fk:2", "s-pndm@8", "history"]),
+])
+def test_flow_steering_refusals_name_the_reason(recipe, words):
+    pipe = load("random-flux")
+    scheduler = pipe.scheduler
+    with pytest.raises(CompositionError) as err:
+        accelerate(pipe, recipe)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert pipe.scheduler is scheduler
