@@ -64,7 +64,7 @@ def measure(rank: int, world: int, args: dict) -> dict:
     """Every recipe on this process (`world` 1: one process; else one rank of a gloo group)."""
     from diffaccel import accelerate
     from diffaccel.core import make_generators, pipeline_output_to_uint8
-    from diffaccel.core.families import find_denoiser
+    from diffaccel.core.families import family_for, find_denoiser
     from diffaccel.parallel import parallel_handle
     from diffaccel.zoo import load
     from diffaccel.zoo.data import caption
@@ -73,7 +73,10 @@ def measure(rank: int, world: int, args: dict) -> dict:
     pipe = load("digits-flux")
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(args["num_images"])]
-    kw = {"prompt": [caption(label) for label in labels], "num_inference_steps": args["steps"], "output_type": "pt"}
+    # the family's call arguments (the tiny T5's own sequence length: FluxPipeline's default 512 would pad the text
+    # stream to 512 tokens and swamp the image tokens that patch parallelism splits)
+    kw = {**family_for(pipe).call_kwargs(caption(0), 1, args["steps"]),
+          "prompt": [caption(label) for label in labels], "output_type": "pt"}
 
     def generate():
         return pipe(**kw, generator=make_generators(args["seed"], len(labels))).images
@@ -94,7 +97,8 @@ def measure(rank: int, world: int, args: dict) -> dict:
         if acc is not None:
             acc.remove()
         out[recipe] = {"flops": flops, "bytes_sent": sent, "seconds": sorted(times)[len(times) // 2],
-                       "images": pipeline_output_to_uint8(images)}
+                       # numpy, not a tensor: results travel back by value (a tensor's shared memory dies with its rank)
+                       "images": pipeline_output_to_uint8(images).numpy()}
     return out
 
 
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     single = measure(0, 1, cfg)
     log(f"{args.world} gloo ranks")
     ranks = run_distributed(measure, args.world, cfg, timeout_s=7200, pg_timeout_s=900)
+    for res in (single, *ranks):
+        for row in res.values():
+            row["images"] = torch.from_numpy(row["images"])
     plain = single[""]
     rows = []
     for recipe in cfg["recipes"]:

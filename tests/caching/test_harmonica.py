@@ -267,3 +267,22 @@ def test_cli_plan_info(tmp_path, capsys):
     assert main(["cache", "plan-info", str(tmp_path / "missing.safetensors")]) == 2
     assert "no cache plan file" in capsys.readouterr().err
     assert main(["cache", "plan-info"]) == 0
+
+
+@pytest.mark.parametrize("name, skipped", [("digits-dit-20-calibrated-1.90x-forecast-greedy", 0.5),
+                                           ("digits-dit-20-calibrated-2.61x-forecast-local", 0.65)])
+def test_shipped_calibrated_forecast_plans(name, skipped):
+    """The calibrated plans of benchmarks/dit_caches.py skip as many units as FORA-2 / FORA-3 (the compute they
+    are compared at), forecast what they reuse, compute every unit at step 0, and run through the protocol."""
+    from diffaccel import accelerate
+
+    plan = CachePlan.load(name)
+    assert plan.forecast == 1 and plan.num_steps == 20 and bool(plan.mask[0].all())
+    assert plan.usage_ratio == pytest.approx(skipped)  # usage: the fraction of unit outputs taken from the cache
+    assert plan.metadata["search"] in ("greedy", "local") and "dit_caches.py" in plan.metadata["command"]
+    pipe = zoo.load("digits-dit")
+    pipe.set_progress_bar_config(disable=True)
+    with accelerate(pipe, f"harmonica:{name}") as h:
+        out = h(class_labels=[3], num_inference_steps=20, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+    assert out.shape[0] == 1 and np.isfinite(out).all()
