@@ -218,9 +218,31 @@ class OneStep(Method, name="one-step", aliases=("onestep",), slot="model", stage
         return None
 
     def check(self, pipe: Any, family: PipelineFamily, recipe: Sequence[Method]) -> None:
+        from ..core.families import FAMILIES
+
         if family.name not in STUDENT_FAMILIES:
             raise CompositionError(f"{self} replaces the denoiser of a Stable Diffusion or Flux pipeline; "
                                    f"{type(pipe).__name__} is the {family.name!r} family")
+        kind, wanted = self.student_class(), FAMILIES[STUDENT_FAMILIES[family.name]].pipeline_classes
+        if kind is not None and kind not in wanted:
+            raise CompositionError(f"{self}: the student is a {kind}; a {type(pipe).__name__} takes a "
+                                   f"{' or '.join(wanted)} student of its own teacher")
+
+    def student_class(self) -> str | None:
+        """The student's pipeline class, read without loading it (zoo registry or model_index.json); None if
+        unknown (then loading reports what is wrong)."""
+        import json
+        from pathlib import Path
+
+        from ..zoo.registry import ENTRIES
+
+        if self.student in ENTRIES:
+            return ENTRIES[self.student].kind
+        index = Path(self.student) / "model_index.json"
+        try:
+            return str(json.loads(index.read_text())["_class_name"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def load(self) -> Any:
         from ..distill.teachers import load_pipeline

@@ -166,7 +166,12 @@ def test_flux_one_step_student_lowers_its_loss_and_runs_through_the_protocol(flu
     assert '"family": "flux"' in card and '"distilled_steps": 1' in card
 
 
-def test_flux_bad_stages_refused(tmp_path, flux_pairs, flux_reflow):
+def test_flux_bad_stages_and_students_refused(tmp_path, flux_pairs, flux_reflow):
+    from diffaccel import CompositionError, OneStep, accelerate
+
+    with pytest.raises(CompositionError, match="the student is a RectifiedFlowPipeline; a FluxPipeline takes a "
+                                               "FluxPipeline student"):
+        accelerate(_stock(), OneStep("digits-sd-onestep"))
     out = tmp_path / "never"
     with pytest.raises(DistillInputError, match="--stage guidance on a FluxPipeline is not supported"):
         main(_train_args("guidance", flux_pairs, out, "--max_train_steps", "1"))
