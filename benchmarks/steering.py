@@ -1,14 +1,18 @@
-"""Reward and class accuracy vs NFE for inference-time scaling on digits-sd (issue #9).
+"""Reward and class accuracy vs NFE for inference-time scaling on digits-sd (issue #9) and digits-flux (issue #17).
 
 Methods at equal NFE budgets (NFE = image-step evaluations per prompt, CFG counted once; base = T):
 base sampling, best-of-N and zero-order search (DDIM eta = 0, `noise_search`), and FK steering with k particles
 (DDIM eta = 1, `FKSteering`, potentials `max` / `diff` / `immediate`, λ = 10, 5 events as in the paper's schedule).
+On a flow-matching model (`--model digits-flux`) the deterministic sampler is the pipeline's FlowMatch-Euler and
+the stochastic one its eta = 1 counterpart `FlowMatchSDEScheduler` (ancestral steps with the ODE's marginals).
 Reward = `ClassifierReward` (log-probability of the prompted digit under zoo `digits-features`); accuracy = that
 classifier's prediction; held-out metric = CLIP score (`diffaccel.evals.clip_score`, zoo `digits-clip`). Search and
 FK report their best particle (argmax reward), as FK's reference evaluation does.
 
     python benchmarks/steering.py                      # 20 prompts (digits 0–9 cycled), T = 20, budgets 2 4 8
     python benchmarks/steering.py --report-only        # rebuild steering.md and the PNG from steering.jsonl
+    python benchmarks/steering.py --model digits-flux --guidance 1 --target unconditional --lmbda 1 \
+        --budgets 4 8 --potentials max immediate --out benchmarks/results/steering_uncond_flux.jsonl
 
 Rows are appended to `benchmarks/results/steering.jsonl` as they finish (`--resume` skips finished rows).
 Progress on stderr; the table on stdout.
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 from diffaccel import zoo
 from diffaccel.core import make_generator, to_uint8
+from diffaccel.core.families import family_for
 from diffaccel.samplers.steering import ClassifierReward, FKConfig, FKSteering, best_of_n, zero_order_search
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +74,7 @@ def run_method(pipe, reward, method: str, budget: int, prompt: str, seed: int, a
     out = FKSteering(pipe, reward, cfg)(prompt, num_inference_steps=steps, guidance_scale=g, eta=1.0,
                                         generator=make_generator(seed), output_type="pt")
     best = int(out.best()[0])
-    return out.images[best:best + 1], out.nfe["denoiser_rows"] // (2 if g > 1 else 1)
+    return out.images[best:best + 1], out.nfe["denoiser_rows"] // family_for(pipe).cfg_rows(g)
 
 
 def methods_for(budget: int, potentials: list[str]) -> list[str]:
@@ -111,7 +116,7 @@ def run(args) -> None:
                    "reward_se": (r.std() / math.sqrt(len(r))).item(), "accuracy": acc.mean().item(),
                    "rewards": [round(v, 5) for v in r.tolist()], "correct": [int(v) for v in acc.tolist()],
                    "clip_score": float(clip), "n_prompts": len(prompts), "steps": args.steps,
-                   "lmbda": args.lmbda, "target": args.target, "guidance": args.guidance,
+                   "lmbda": args.lmbda, "target": args.target, "guidance": args.guidance, "model": args.model,
                    "seconds": time.perf_counter() - t0, "command": command,
                    "machine": f"{args.machine}", "python": platform.python_version(), "torch": torch.__version__}
             with out_path.open("a") as f:
@@ -154,20 +159,25 @@ def report(args) -> str:
     png = args.out.with_name(args.out.stem + "_reward_vs_nfe.png")
     plot(rows, png)
     r0 = rows[0]
-    lines = ["## Steering: reward and class accuracy vs NFE on digits-sd", "",
-             f"Machine: {r0['machine']}. {r0['n_prompts']} prompts (digits 0–9 cycled), T = {r0['steps']} DDIM steps, "
+    model = r0.get("model", "digits-sd")
+    flow = model == "digits-flux"
+    ode, sde = ("FlowMatch-Euler (the pipeline's ODE sampler)", "FlowMatchSDEScheduler eta = 1 (ancestral, the ODE's "
+                "marginals)") if flow else ("DDIM eta = 0", "DDIM eta = 1")
+    lines = [f"## Steering: reward and class accuracy vs NFE on {model}", "",
+             f"Machine: {r0['machine']}. {r0['n_prompts']} prompts (digits 0–9 cycled), T = {r0['steps']} "
+             f"{'steps' if flow else 'DDIM steps'}, "
              f"CFG {r0.get('guidance', args.guidance)}, seeds {args.seed}..; λ = {r0['lmbda']}. "
              + ("The model is given the EMPTY prompt (unconditional); only the reward names the target digit. "
                 if r0.get("target") == "unconditional" else "")
              + "Reward = log p(target digit) under "
              "zoo `digits-features`; accuracy = its argmax; CLIP = `diffaccel.evals.clip_score` (digits-clip, "
-             "held out from steering). base / best-of-N / zero-order: DDIM eta = 0 (noise search); `base eta=1`, "
-             "`best-of-N eta=1` (FK potential `bon`) and FK: DDIM eta = 1, FK events at "
+             f"held out from steering). base / best-of-N / zero-order: {ode} (noise search); `base eta=1`, "
+             f"`best-of-N eta=1` (FK potential `bon`) and FK: {sde}, FK events at "
              "the paper's 5-event schedule scaled to T; each method reports its best particle. "
              "NFE = image-step evaluations per prompt (CFG counted once), measured.", "",
              "Commands:", "", *[f"    {c}" for c in dict.fromkeys(r["command"] for r in rows)], "",
              f"![reward and accuracy vs NFE]({png.name})", "",
-             "`vs best-of-N` = mean per-prompt reward difference to best-of-N (DDIM eta = 0) at the same budget, "
+             f"`vs best-of-N` = mean per-prompt reward difference to best-of-N ({ode}) at the same budget, "
              "same prompts and seeds (paired), ± its standard error.", "",
              "| method | budget | NFE/prompt | mean reward (± s.e.) | accuracy | CLIP score | vs best-of-N | seconds |",
              "|---|---|---|---|---|---|---|---|"]
