@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def run(args) -> None:
     if args.resume and out_path.exists():
         done = {(r["method"], r["budget"]) for r in map(json.loads, out_path.read_text().splitlines())}
     prompts = prompts_for(args.prompts)
-    command = "python benchmarks/steering.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/steering.py " + shlex.join(sys.argv[1:])
     for budget in [1, *args.budgets]:
         for method in methods_for(budget, args.potentials):
             if (method, budget) in done or (args.methods and method not in args.methods):
