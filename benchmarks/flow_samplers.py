@@ -138,10 +138,14 @@ def report(args: argparse.Namespace) -> str:
     if not rows:
         return "no rows yet\n"
     r0 = rows[-1]
+    commands = list(dict.fromkeys(r["command"].strip() for r in latest.values()))  # first-use order
+    plural = "Commands (each appended cells, same seeds)" if len(commands) > 1 else "Command"
+    refs = sorted({f"{r['reference_fid']:.2f}" for r in latest.values()})
     out = [f"### {MODEL}: FID / class accuracy / PSNR (dB) / SSIM vs Euler-{REFERENCE_STEPS} by NFE, "
            f"{r0['num_images']} images per cell\n",
-           f"Reference (FlowMatch-Euler, {REFERENCE_STEPS} steps): FID {r0['reference_fid']:.2f}, accuracy "
-           f"{r0['reference_accuracy']:.1%}. Command: `{r0['command']}`; machine: {r0['machine']}.\n",
+           f"Reference (FlowMatch-Euler, {REFERENCE_STEPS} steps): FID {' / '.join(refs)}, accuracy "
+           f"{r0['reference_accuracy']:.1%}. {plural}"
+           f": {'; '.join(f'`{c}`' for c in commands)}; machine: {r0['machine']}.\n",
            "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
     best = {n: min((r["fid"] for k, r in latest.items() if k[1] == n), default=None) for n in nfes}
     for s in names:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: per zoo model: (reference recipe, [recipes]); the reference is the model's own grid at 25 DDIM steps
+#: per zoo model: (reference recipe, [recipes]); digits-sd / digits-dit: the model's own grid at 25 DDIM steps
 ROWS: dict[str, tuple[str, list[str]]] = {
     "digits-sd": ("ddim@25:grid=model", [
         "ddim@10",
@@ -39,8 +39,33 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         "ddim@10:grid=model + fk:4:every=2:start=2:end=9",
         "ddim@20:grid=model + harmonica:digits-dit-20-harmonica-b1 + fk:4:every=4:start=4:end=19",
     ]),
+    # Flow matching (FluxPipeline): the reference is the model's default, FlowMatch-Euler at 28 steps, with no
+    # guidance (the card's default). Rows without a sampler keep that scheduler and step count (shipped HarmoniCa
+    # plans are bound to it); `ddim` on this model is FlowMatch-Euler at fewer steps.
+    "digits-flux": ("plain", [
+        "ddim@14",
+        "s-pndm@14",
+        "s-pndm@8",
+        "fora:2:steps=28",
+        "fora:3:steps=28:forecast=1",
+        "harmonica:digits-flux-28-harmonica-b1",
+        "harmonica:digits-flux-28-harmonica-b2",
+        "magcache:0.24:steps=28",
+        "ddim@14 + fora:2",
+        "s-pndm@14 + fora:2",
+        "s-pndm@14 + fora:2:forecast=1",
+        "ddim@14 + magcache:0.24",
+    ]),
 }
-GUIDANCE = {"digits-sd": 7.5, "digits-dit": 4.0}
+#: per zoo model: what every call of its rows gets
+CALL_KWARGS: dict[str, dict[str, Any]] = {
+    "digits-sd": {"guidance_scale": 7.5},
+    "digits-dit": {"guidance_scale": 4.0},
+    # the zoo's 32x32 images and the 16 T5 tokens digits-flux was trained with
+    "digits-flux": {"height": 32, "width": 32, "max_sequence_length": 16},
+}
+#: the step count of rows whose recipe has no sampler (the pipeline's own scheduler and default steps)
+DEFAULT_STEPS = {"digits-flux": 28}
 
 
 def _factory(model: str, recipe: str):
@@ -64,17 +89,20 @@ def pareto_suite(steps: int = 25, models: Sequence[str] = tuple(ROWS)) -> list:
     recipe carries its own step count)."""
     from ..evals import BenchConfig
     from .recipe import parse_recipe
+    from .samplers import Sampler
 
     configs = []
     for model in models:
         reference, recipes = ROWS[model]
         ref_name = row_name(model, reference)
         for recipe in [reference, *recipes]:
-            parse_recipe(recipe)  # a typo fails before anything runs
+            methods = parse_recipe(recipe)  # a typo fails before anything runs
+            kwargs = dict(CALL_KWARGS[model])
+            if model in DEFAULT_STEPS and not any(isinstance(m, Sampler) for m in methods):
+                kwargs["num_inference_steps"] = DEFAULT_STEPS[model]
             requires = (model, "digits-sd-onestep") if "one-step" in recipe else (model,)
-            configs.append(BenchConfig(row_name(model, recipe), _factory(model, recipe),
-                                       {"guidance_scale": GUIDANCE[model]}, list(range(10)), requires=requires,
-                                       reference=ref_name))
+            configs.append(BenchConfig(row_name(model, recipe), _factory(model, recipe), kwargs, list(range(10)),
+                                       requires=requires, reference=ref_name))
     return configs
 
 

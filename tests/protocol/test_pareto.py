@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from diffaccel.protocol import parse_recipe
 from diffaccel.protocol.pareto import ROWS, markdown_table, pareto_front, pareto_suite, plot, report_rows
 
@@ -58,3 +59,32 @@ def test_table_and_plot(tmp_path):
     assert table.count("\n") == 4 and "2.50×" in table and "★" in table
     png = plot(rows, tmp_path / "p.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_flux_family_builds_its_rows():
+    """digits-flux: reference = the model's default (FlowMatch-Euler, 28 steps, no guidance); rows without a
+    sampler run that scheduler at 28 steps, rows with one run the sampler's own step count; the learned plans are
+    shipped and bound to that scheduler. Every row's recipe applies to the stock pipeline."""
+    from diffaccel.caching.harmonica import CachePlan, attached_plan
+    from diffaccel.protocol.samplers import Sampler
+
+    configs = pareto_suite(models=("digits-flux",))
+    assert configs[0].name == "digits-flux | plain" == configs[0].reference
+    kinds = set()
+    for c in configs:
+        methods = parse_recipe(c.name.split(" | ", 1)[1])
+        kinds |= {type(m).__name__ for m in methods}
+        assert {k: c.call_kwargs[k] for k in ("height", "width", "max_sequence_length")} == \
+            {"height": 32, "width": 32, "max_sequence_length": 16}
+        has_sampler = any(isinstance(m, Sampler) for m in methods)
+        assert c.call_kwargs.get("num_inference_steps") == (None if has_sampler else 28), c.name
+        assert c.reference == "digits-flux | plain" and c.requires == ("digits-flux",)
+        pipe = c.factory()  # applies the recipe (MagCache rows calibrate here)
+        plan = attached_plan(pipe.handle.pipe) if "harmonica" in c.name else None
+        if plan is not None:
+            shipped = CachePlan.load(c.name.split("harmonica:", 1)[1])
+            assert plan.num_steps == 28 and plan.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+            assert torch.equal(plan.mask, shipped.mask)
+    assert kinds >= {"Sampler", "FORA", "HarmoniCa", "MagCache"}
+    compositions = [c for c in configs if " + " in c.name and any(k in c.name for k in ("fora", "magcache"))]
+    assert len(compositions) >= 4
