@@ -45,6 +45,8 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("digits-flux", "FluxPipeline", "rectified-flow FluxTransformer2DModel + CLIP (pooled) and T5 text",
              True),
     ZooEntry("digits-sd-onestep", "RectifiedFlowPipeline", "one-step student distilled from digits-sd via 2-RF", True),
+    ZooEntry("digits-flux-onestep", "FluxPipeline", "one-step student distilled from digits-flux via 2-RF "
+             "(num_inference_steps=1)", True),
     ZooEntry("random-ddpm", "DDPMPipeline", "random-weight tiny UNet2DModel pipeline", False),
     ZooEntry("random-sd", "StableDiffusionPipeline", "random-weight tiny SD pipeline", False),
     ZooEntry("random-dit", "DiTPipeline", "random-weight tiny DiT pipeline", False),
@@ -67,6 +69,9 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
 RETRAIN_HINTS: dict[str, str] = {
     "digits-sd-onestep": "recreate it with the `diffaccel distill` stages (pairs, reflow, pairs, one-step, then "
                          "`python -m diffaccel.distill.export`) listed in distill/README.md",
+    "digits-flux-onestep": "recreate it with the `diffaccel distill` stages (pairs from digits-flux, reflow, one-step, "
+                           "then `python -m diffaccel.distill.export`): the exact commands are in its card and in "
+                           "distill/README.md",
 }
 
 
@@ -209,7 +214,7 @@ def load_from(name: str, path: Path, dev: torch.device, dt: torch.dtype):
 
         id2label = {int(k): v for k, v in json.loads((path / "id2label.json").read_text()).items()}
         return DiTPipeline.from_pretrained(str(path), id2label=id2label, **kw).to(dev)
-    if name == "digits-flux":
+    if name in ("digits-flux", "digits-flux-onestep"):
         from diffusers import FluxPipeline
 
         pipe = FluxPipeline.from_pretrained(str(path), **kw).to(dev)
