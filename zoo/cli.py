@@ -57,13 +57,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="Generate images with a zoo pipeline in batches (progress on stderr); write one "
                                     "PNG per image and print seconds per image and NFE. Existing files are not "
                                     "replaced without --force.")
-    q.add_argument("name", help="a generator entry: digits-sd, digits-dit, digits-ddpm, digits-sd-onestep or random-*")
+    q.add_argument("name", help="a generator entry: digits-sd, digits-dit, digits-ddpm, digits-flux, "
+                                "digits-sd-onestep, digits-flux-onestep or random-*")
     q.add_argument("--prompt", default=None, help="prompt for text-to-image entries (default: 'a handwritten digit N')")
     q.add_argument("--label", type=int_in(0), default=None,
                    help="class for DiT entries, digit drawn by text entries (default: cycle through 0-9)")
     q.add_argument("-n", "--num-images", type=images_option, default=8, help=f"images (1..{MAX_IMAGES})")
     q.add_argument("--batch-size", type=batch_option, default=16, help="images per pipeline call (default 16)")
-    q.add_argument("--steps", type=steps_option, default=25, help=f"sampling steps (1..{MAX_STEPS})")
+    q.add_argument("--steps", type=steps_option, default=None,
+                   help=f"sampling steps (1..{MAX_STEPS}; default: the entry's own, 25, digits-flux 28, the one-step "
+                        "students 1)")
     q.add_argument("--guidance", type=float_in(0.0, 100.0), default=None, help="classifier-free guidance scale")
     q.add_argument("--seed", type=seed_option, default=0, help="image i uses seed + i")
     q.add_argument("--device", default="cpu")
@@ -79,7 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name", help="a generator entry (a pipeline)")
     q.add_argument("-n", "--num-images", type=images_option, default=500)
     q.add_argument("--batch-size", type=batch_option, default=100, help="images per pipeline call (default 100)")
-    q.add_argument("--steps", type=steps_option, default=25)
+    q.add_argument("--steps", type=steps_option, default=None,
+                   help="sampling steps (default: the entry's own, 25, digits-flux 28, the one-step students 1)")
     q.add_argument("--seed", type=seed_option, default=0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quality)
@@ -158,7 +162,7 @@ def _check_generator(name: str) -> None:
 def cmd_sample(args) -> int:
     from ..core import count_nfe, measure, tensor_to_pil
     from ..core.files import check_new_files, check_output_path
-    from .quality import LABEL_PIPELINES, UNCONDITIONAL_PIPELINES, generate, num_classes
+    from .quality import DEFAULT_STEPS, LABEL_PIPELINES, UNCONDITIONAL_PIPELINES, generate, num_classes
     from .registry import load
 
     _check_generator(args.name)
@@ -180,8 +184,10 @@ def cmd_sample(args) -> int:
             raise InputError(f"--label must be in [0, {classes - 1}] for {args.name}, got {args.label}")
     labels = None if classes is None else ([args.label] if args.label is not None else list(range(min(10, classes))))
 
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.name, 25)
+
     def run(progress: bool):
-        return generate(pipe, labels, n, args.steps, args.seed, args.batch_size, guidance=args.guidance,
+        return generate(pipe, labels, n, steps, args.seed, args.batch_size, guidance=args.guidance,
                         progress=progress, prompt=args.prompt, desc=f"sample {args.name}")[0]
 
     with count_nfe(pipe) as nfe:
@@ -192,13 +198,13 @@ def cmd_sample(args) -> int:
     calls_per_run = nfe.calls - warm_calls
     for f, im in zip(files, tensor_to_pil(timing.result, value_range=(0, 255)), strict=True):
         im.save(f)
-    res = {"model": args.name, "pipeline": cls, "num_images": n, "steps": args.steps,
+    res = {"model": args.name, "pipeline": cls, "num_images": n, "steps": steps,
            "batch_size": min(n, args.batch_size), "seconds_per_image": timing.median / n, "nfe": calls_per_run,
            "files": [str(f) for f in files]}
     if args.json:
         print(json.dumps(res, indent=1))
     else:
-        print(f"{args.name}: {n} images, {args.steps} steps, {res['seconds_per_image']:.4f} s/image, "
+        print(f"{args.name}: {n} images, {steps} steps, {res['seconds_per_image']:.4f} s/image, "
               f"NFE {calls_per_run} -> {out}")
     return 0
 

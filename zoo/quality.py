@@ -27,7 +27,7 @@ DEFAULT_GUIDANCE = {"StableDiffusionPipeline": 7.5, "DiTPipeline": 4.0}
 #: true-CFG scale digits-flux's card also records
 FLUX_TRUE_CFG = 4.0
 #: steps of the quality floor: 25 DDIM steps, except FluxPipeline's own default (28) and the one-step student
-DEFAULT_STEPS = {"digits-flux": 28, "digits-flux-onestep": 1}
+DEFAULT_STEPS = {"digits-flux": 28, "digits-sd-onestep": 1, "digits-flux-onestep": 1}
 
 
 def flux_call_kwargs(pipe, k: int, guidance: float | None) -> dict:

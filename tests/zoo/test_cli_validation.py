@@ -94,3 +94,11 @@ def test_sampling_is_batched_with_progress_on_stderr(tmp_path):
         a = np.asarray(Image.open(tmp_path / f"digits-dit-seed{i}.png"), dtype=int)
         b = np.asarray(Image.open(tmp_path / "one" / f"digits-dit-seed{i}.png"), dtype=int)
         assert np.abs(a - b).max() <= levels
+
+
+def test_sample_defaults_to_the_entrys_own_step_count(tmp_path):
+    """Without --steps a one-step student is sampled with its one step (it was run with 25, the generic default)."""
+    code, out, err = run_cli("zoo", "sample", "digits-flux-onestep", "-n", "2", "--out", str(tmp_path), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["steps"] == 1 and res["nfe"] == 1
