@@ -49,7 +49,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
         "fora:2:steps=28",
         "fora:3:steps=28:forecast=1",
         "harmonica:digits-flux-28-harmonica-b1",
-        "harmonica:digits-flux-28-harmonica-b2",
+        "harmonica:digits-flux-28-harmonica-b0",
         "magcache:0.24:steps=28",
         "ddim@14 + fora:2",
         "s-pndm@14 + fora:2",
