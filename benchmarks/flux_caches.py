@@ -41,6 +41,7 @@ from diffaccel.zoo.quality import flux_call_kwargs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "digits-flux"
+FORA_INTERVALS = (2, 3, 4, 5, 6)
 
 
 def machine() -> str:
@@ -79,7 +80,7 @@ def configs(pipe, steps: int, kw: dict, plans: dict[str, CachePlan]) -> list[tup
 
     for forecast in (0, 1):
         suffix = " + forecast" if forecast else ""
-        for k in (2, 3, 4):
+        for k in FORA_INTERVALS:
             out.append(plan_row(f"diffaccel FORA n={k}{suffix}", fora_plan(steps, n_units, k, model=pipe,
                                                                          forecast=forecast)))
         for name, plan in plans.items():

@@ -40,7 +40,7 @@ def test_rows_attach_the_plans_they_name(bench, tmp_path):
     rows = bench.configs(pipe, STEPS, flux_call_kwargs(pipe, 0, None), bench.learned_plans(STEPS, [str(learned)]))
     names = [r[0] for r in rows]
     assert names[0] == "uncached" and len(names) == len(set(names))
-    for k in (2, 3, 4):
+    for k in bench.FORA_INTERVALS:
         assert f"diffaccel FORA n={k}" in names and f"diffaccel FORA n={k} + forecast" in names
     assert "diffaccel HarmoniCa learned" in names and "diffaccel HarmoniCa learned + forecast" in names
     assert sum(n.startswith("diffusers ") for n in names) == 9
