@@ -53,24 +53,71 @@ def teacher(steps: int):
     return pipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(default_out: str, description: str) -> argparse.ArgumentParser:
+    """The options every distillation benchmark takes (`distill_flux.py` adds none of its own but the out path)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--two-rf", default=None, help="2-RF pipeline folder or zoo:NAME")
     p.add_argument("--student", default=None, help="one-step student folder or zoo:NAME")
-    p.add_argument("--guidance", default=None, help="guidance-distilled pipeline folder (StableDiffusion, w baked in)")
     p.add_argument("-n", "--num-images", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-repeats", type=int, default=7,
                    help="batch-1 latency: median of this many timed calls per row (0: skip)")
-    p.add_argument("--out", default=str(RESULTS / "distill"), help="results prefix (.json and .md are added)")
+    p.add_argument("--out", default=str(RESULTS / default_out), help="results prefix (.json and .md are added)")
+    return p
+
+
+def measure_row(pipe, name: str, kw: dict, args: argparse.Namespace, ext, ref_images: torch.Tensor | None,
+                t0: float, **evaluate_kwargs) -> tuple[dict, torch.Tensor]:
+    """One row: the evals harness on `pipe` (digits 0-9 cycled), the median batch-1 latency, and the paired pixel /
+    digits-feature distances to `ref_images` (this row's own images when None, i.e. the reference row).
+    Returns the row and the reference images for the next rows."""
+    from diffaccel.core import make_generators, measure
+    from diffaccel.evals import evaluate
+    from diffaccel.zoo import caption
+
+    pipe.set_progress_bar_config(disable=True)
+    r = evaluate(pipe, list(range(10)), num_images=args.num_images, seed=args.seed, name=name,
+                 batch_size=args.batch_size, keep_images=True, **evaluate_kwargs, **kw)
+    images = r.images
+    ref = images if ref_images is None else ref_images
+    a, b = images.float() / 255, ref.float() / 255
+    with torch.no_grad():
+        fa, fb = ext(images), ext(ref)
+    row = r.as_dict()
+    row.pop("images", None)
+    latency = None
+    if args.latency_repeats:
+        latency = measure(lambda: pipe([caption(7)], generator=make_generators(0, 1), output_type="np", **kw),
+                          warmup=1, repeats=args.latency_repeats).median
+    row.update(latency_batch1_s=latency,
+               paired_pixel_mse=float(((a - b) ** 2).mean()) if a.shape == b.shape else float("nan"),
+               paired_feature_d2=float(((fa - fb) ** 2).sum(1).mean()), wall_s=time.time() - t0)
+    print(f"{name}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, {row['seconds_per_image']:.4f} s/img, "
+          f"batch-1 {latency} s, NFE {row['nfe_per_image']:.0f}, paired pixel MSE {row['paired_pixel_mse']:.4f}",
+          file=sys.stderr, flush=True)
+    return row, ref
+
+
+def save_rows(script: str, argv: list[str] | None, args: argparse.Namespace, results: list[dict]) -> tuple[dict, Path]:
+    """Write `{meta, rows}` to `<--out>.json`; returns the metadata and the results prefix (for the `.md`)."""
+    meta = {"machine": machine(), "command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+            "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    return meta, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("distill", __doc__)
+    p.add_argument("--guidance", default=None, help="guidance-distilled pipeline folder (StableDiffusion, w baked in)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffaccel.evals import evaluate, load_extractor
+    from diffaccel.evals import load_extractor
 
-    digits = list(range(10))
     rows = [("digits-sd DDIM-25 cfg7.5 (teacher)", lambda: teacher(25), {"num_inference_steps": 25,
                                                                           "guidance_scale": 7.5}),
             ("digits-sd DDIM-1 (trailing) cfg7.5", lambda: teacher(1), {"num_inference_steps": 1,
@@ -94,38 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     results, ref_images = [], None
     for name, factory, kw in rows:
         t0 = time.time()
-        pipe = factory()
-        r = evaluate(pipe, digits, num_images=args.num_images, seed=args.seed, name=name,
-                     batch_size=args.batch_size, keep_images=True, **kw)
-        images = r.images
-        if ref_images is None:
-            ref_images = images
-        a, b = images.float() / 255, ref_images.float() / 255
-        with torch.no_grad():
-            fa, fb = ext(images), ext(ref_images)
-        row = r.as_dict()
-        row.pop("images", None)
-        latency = None
-        if args.latency_repeats:
-            from diffaccel.core import make_generators, measure
-            from diffaccel.zoo import caption
-
-            pipe.set_progress_bar_config(disable=True)
-            t = measure(lambda p=pipe, k=kw: p([caption(7)], generator=make_generators(0, 1), output_type="np", **k),
-                        warmup=1, repeats=args.latency_repeats)
-            latency = t.median
-        same = a.shape == b.shape
-        row.update(latency_batch1_s=latency, paired_pixel_mse=float(((a - b) ** 2).mean()) if same else float("nan"),
-                   paired_feature_d2=float(((fa - fb) ** 2).sum(1).mean()), wall_s=time.time() - t0)
+        row, ref_images = measure_row(factory(), name, kw, args, ext, ref_images, t0)
         results.append(row)
-        print(f"{name}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, {row['seconds_per_image']:.4f} s/img, "
-              f"NFE {row['nfe_per_image']:.0f}, paired pixel MSE {row['paired_pixel_mse']:.4f}", file=sys.stderr,
-              flush=True)
-    meta = {"machine": machine(), "command": "python benchmarks/distill.py " + " ".join(argv or sys.argv[1:]),
-            "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    meta, out = save_rows("distill.py", argv, args, results)
     t_ref = results[0]["seconds_per_image"]
     lat_ref = results[0]["latency_batch1_s"]
     lines = [f"# One-step distillation on digits-sd\n\n`{meta['command']}` on {meta['machine']}; n = "

@@ -17,22 +17,15 @@ compare each row's image with the guided teacher's image from the same noise and
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from distill import measure_row, parser, save_rows
+
 TEACHER_STEPS, TEACHER_CFG = 28, 4.0
-
-
-def machine() -> str:
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}")
 
 
 def load_flux(spec: str):
@@ -56,56 +49,23 @@ def rows(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--two-rf", default=None, help="2-RF pipeline folder or zoo:NAME")
-    p.add_argument("--student", default=None, help="one-step student folder or zoo:NAME")
-    p.add_argument("-n", "--num-images", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--latency-repeats", type=int, default=7,
-                   help="batch-1 latency: median of this many timed calls per row (0: skip)")
-    p.add_argument("--out", default=str(RESULTS / "distill_flux"), help="results prefix (.json and .md are added)")
+    p = parser("distill_flux", __doc__)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffaccel.core import make_generators, measure
     from diffaccel.core.families.flux import text_length_kwargs
-    from diffaccel.evals import evaluate, load_extractor
-    from diffaccel.zoo import caption
+    from diffaccel.evals import load_extractor
 
     ext = load_extractor("digits")
     results, ref_images = [], None
     for name, spec, kw in rows(args):
         t0 = time.time()
         pipe = load_flux(spec)
-        pipe.set_progress_bar_config(disable=True)
         kw = {**kw, **text_length_kwargs(pipe.tokenizer_2)}
-        r = evaluate(pipe, list(range(10)), num_images=args.num_images, seed=args.seed, name=name,
-                     batch_size=args.batch_size, keep_images=True, count_flops=False, **kw)
-        images = r.images
-        if ref_images is None:
-            ref_images = images
-        a, b = images.float() / 255, ref_images.float() / 255
-        with torch.no_grad():
-            fa, fb = ext(images), ext(ref_images)
-        row = r.as_dict()
-        row.pop("images", None)
-        latency = None
-        if args.latency_repeats:
-            t = measure(lambda p=pipe, k=kw: p([caption(7)], generator=make_generators(0, 1), output_type="np", **k),
-                        warmup=1, repeats=args.latency_repeats)
-            latency = t.median
-        row.update(model=spec, call=kw, latency_batch1_s=latency, paired_pixel_mse=float(((a - b) ** 2).mean()),
-                   paired_feature_d2=float(((fa - fb) ** 2).sum(1).mean()), wall_s=time.time() - t0)
+        row, ref_images = measure_row(pipe, name, kw, args, ext, ref_images, t0, count_flops=False)
+        row.update(model=spec, call=kw)
         results.append(row)
-        print(f"{name}: FID {row['fid']:.3f}, acc {row['class_accuracy']:.3f}, {row['seconds_per_image']:.4f} s/img, "
-              f"batch-1 {latency} s, NFE {row['nfe_per_image']:.0f}", file=sys.stderr, flush=True)
-    meta = {"machine": machine(), "command": "python benchmarks/distill_flux.py " + " ".join(argv or sys.argv[1:]),
-            "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    meta, out = save_rows("distill_flux.py", argv, args, results)
     out.with_suffix(".md").write_text(report(meta, results))
     print(report(meta, results))
     return 0

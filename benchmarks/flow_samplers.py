@@ -165,24 +165,35 @@ def report(args: argparse.Namespace) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 28])
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+def common_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options both digits-flux benchmarks (this one and `flux_caches.py`) take; each adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the saved rows")
     p.add_argument("--results", type=Path, default=RESULTS)
+    return p
+
+
+def run_and_report(p: argparse.ArgumentParser, argv: list[str] | None, script: str, run, report) -> int:
+    """Parse, set the thread count, record the command, run the rows (unless --report-only) and print the report."""
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.command = "python benchmarks/flow_samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.report_only:
         run(args)
     print(report(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common_parser(__doc__)
+    p.add_argument("--nfe", type=int, nargs="+", default=[4, 8, 16, 28])
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    p.add_argument("--resume", action="store_true")
+    return run_and_report(p, argv, "flow_samplers.py", run, report)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,15 +36,11 @@ from diffaccel.core.flops import flop_counter
 from diffaccel.evals import evaluate
 from diffaccel.zoo import load
 from diffaccel.zoo.quality import flux_call_kwargs
+from flow_samplers import common_parser, machine, run_and_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "digits-flux"
 FORA_INTERVALS = (2, 3, 4, 5, 6)
-
-
-def machine() -> str:
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}")
 
 
 def calibrate_magcache(pipe, steps: int, kw: dict) -> list[float]:
@@ -191,23 +185,11 @@ def pareto_marks(rows: list[dict]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common_parser(__doc__)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--num-images", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plans", nargs="*", default=None,
                    help="learned plan files or shipped names (default: every shipped digits-flux plan at --steps)")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.command = "python benchmarks/flux_caches.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if not args.report_only:
-        run(args)
-    print(report(args))
-    return 0
+    return run_and_report(p, argv, "flux_caches.py", run, report)
 
 
 if __name__ == "__main__":

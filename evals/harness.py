@@ -138,8 +138,8 @@ def _call(pipe, kind: str, cond: list | None, start: int, stop: int, seed: int, 
     kw.setdefault("output_type", "np")
     gens = make_generators(seed + start, stop - start)
     if kind == "none":
-        return pipe(batch_size=stop - start, generator=gens, **kw).images
-    return pipe(cond[start:stop], generator=gens, **kw).images
+        return pipe(batch_size=stop - start, generator=gens, **kw)
+    return pipe(cond[start:stop], generator=gens, **kw)
 
 
 def _flops_one_image(pipe, kind: str, cond: list | None, seed: int, call_kwargs: dict) -> float | None:
@@ -188,14 +188,18 @@ def evaluate(pipeline, prompts_or_labels: Sequence[str | int] | None = None, num
     elif warmup:
         _call(pipeline, kind, cond, 0, 1, seed, call_kwargs)
 
-    outputs, per_image, total = [], [], 0.0
+    outputs, per_image, calls_per_image, total = [], [], [], 0.0
     starts = list(range(0, num_images, batch_size))
     with count_nfe(pipeline) as nfe, torch.no_grad():
         for start in starts:
             stop = min(start + batch_size, num_images)
+            before = nfe.calls
             t = measure(lambda s=start, e=stop: _call(pipeline, kind, cond, s, e, seed, call_kwargs),
                         warmup=0, repeats=1, device=getattr(pipeline, "device", None))
-            outputs.append(pipeline_output_to_uint8(t.result))
+            # a search that runs prompt by prompt (best-of-N: one record per prompt) makes its denoiser calls once
+            # per prompt; every image of one batched loop (FK: one record) went through all of them
+            calls_per_image.append((nfe.calls - before) / len(getattr(t.result, "searches", None) or [None]))
+            outputs.append(pipeline_output_to_uint8(t.result.images))
             per_image.append(t.median / (stop - start))
             total += t.median
             if progress:
@@ -243,7 +247,7 @@ def evaluate(pipeline, prompts_or_labels: Sequence[str | int] | None = None, num
         batch_size=batch_size, seed=seed, call_kwargs={k_: repr(v) if not isinstance(v, (int, float, str, bool))
                                                        else v for k_, v in call_kwargs.items()},
         device=str(getattr(pipeline, "device", "cpu")), images_per_second=num_images / total,
-        seconds_per_image=float(np.median(per_image)), nfe_per_image=nfe.calls / len(starts),
+        seconds_per_image=float(np.median(per_image)), nfe_per_image=float(np.mean(calls_per_image)),
         denoiser_rows_per_image=nfe.rows / num_images, flops_per_image=flops,
         fid=fid_from_stats(gen.reference(), ref.reference()), kid_mean=k.mean, kid_std=k.std, kid_subset_size=m,
         class_accuracy=accuracy, clip_score=clip_value, clip_model=clip_name, extractor=desc["extractor"],

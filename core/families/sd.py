@@ -30,6 +30,9 @@ class StableDiffusionFamily(PipelineFamily):
     def eps(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor = None,
             guidance_scale: float = 1.0) -> torch.Tensor:
         cfg = guidance_scale > 1.0
+        # the pipeline's own __call__ records its guidance before its loop; hooks on the denoiser that read
+        # `do_classifier_free_guidance` (the one-step student's, cfg-parallel's) must see this loop's, not a stale one
+        self.pipe._guidance_scale = guidance_scale
         xin = self.pipe.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
         return self.guide(self.pipe.unet(xin, t, encoder_hidden_states=embeds, return_dict=False)[0], guidance_scale)
 

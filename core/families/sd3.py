@@ -68,6 +68,7 @@ class StableDiffusion3Family(MMDiTTextFamily):
             guidance_scale: float = 1.0, scheduler: Any = None) -> torch.Tensor:
         """The guided velocity the pipeline hands to its scheduler (`scheduler` unused: no input scaling)."""
         cfg = guidance_scale > 1.0
+        self.pipe._guidance_scale = guidance_scale  # as the pipeline's __call__ records it (see the SD family)
         xin = torch.cat([x, x]) if cfg else x
         ts = torch.as_tensor(t, device=x.device).reshape(-1).expand(xin.shape[0])
         out = self.denoiser(hidden_states=xin, timestep=ts, encoder_hidden_states=embeds, pooled_projections=pooled,

@@ -15,6 +15,8 @@ STEPS = 4
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling `flow_samplers`
     spec = importlib.util.spec_from_file_location("flux_caches_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -5,22 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from diffaccel.caching import (
-    EncoderPropagationConfig,
-    apply_encoder_propagation,
-    cached_call,
-    remove_encoder_propagation,
-)
-from diffaccel.caching.branch_reuse import (
     BranchReusePlan,
+    EncoderPropagationConfig,
     apply_branch_reuse,
+    apply_encoder_propagation,
     branch_plan,
     branch_reuse_counters,
+    cached_call,
     deepcache_plan,
     encoder_propagation_plan,
     no_reuse_plan,
     remove_branch_reuse,
-    unet_units,
+    remove_encoder_propagation,
 )
+from diffaccel.caching.branch_reuse import unet_units
 from diffaccel.zoo import load
 from diffusers import DDIMScheduler
 from zoo_pipes import quiet_pipeline

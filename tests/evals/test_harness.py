@@ -55,6 +55,19 @@ def test_image_i_depends_on_seed_plus_i_not_on_batching(ddpm):
     assert b.nfe_per_image == STEPS  # four calls of one image each: still STEPS evaluations per image
 
 
+@pytest.mark.parametrize("recipe, rows", [("best-of-n:2", 2 * 2), ("fk:2:every=1:start=1:end=2", 2 * 2)])
+def test_searches_count_the_steps_each_image_went_through(recipe, rows):
+    """Best-of-N searches prompt by prompt, FK steers the batch at once: either way NFE per image is the step count
+    (not the batch's total), and the rows count every candidate / particle and the CFG half."""
+    from diffaccel import accelerate
+
+    pipe = load("random-sd")
+    with accelerate(pipe, f"ddim@{STEPS} + {recipe}") as h:
+        r = evaluate(h.as_pipeline(), [1, 2], 4, 0, batch_size=4, count_flops=False, clip_model=None,
+                     guidance_scale=2.0)
+    assert r.nfe_per_image == STEPS and r.denoiser_rows_per_image == rows * STEPS
+
+
 def test_text_and_class_conditional_pipelines():
     sd = load("random-sd")
     r = evaluate(sd, [3, "a handwritten digit seven"], 4, 0, num_inference_steps=STEPS, guidance_scale=2.0,

@@ -33,6 +33,7 @@ from diffaccel.caching import (
 )
 from diffaccel.core import make_generators
 from diffaccel.zoo import load
+from tolerances import network_atol
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit seven"]
 
@@ -110,21 +111,25 @@ def test_plain_call_after_accelerate_equals_cached_call():
         assert encoder_propagation_counters(new).key_steps == encoder_propagation_counters(old).key_steps
 
 
-@pytest.mark.parametrize("recipe, words", [
-    ("ddim@10 + s-pndm@10", ["ddim@10", "s-pndm@10", "sampler"]),
-    ("ep:uniform-3", ["ep:uniform-3", "DiTTransformer2DModel", "harmonica"]),
-    ("s-pndm@10 + fk:4", ["fk:4", "s-pndm@10", "history"]),
-    ("ddim@10 + fk:4:eta=0", ["fk:4", "ddim@10", "deterministic"]),
-    ("plms-diffusers@10 + time-shift", ["time-shift", "plms-diffusers@10", "wraps only"]),
-    ("fora:2", ["fora:2", "step count"]),
-    ("one-step + fora:2:steps=20", ["one-step", "fora:2", "nothing to reuse"]),
-    ("harmonica:no-such-plan", ["harmonica:no-such-plan", "no cache plan file"]),
-    ("ddim@20 + fora:2 + patch-parallel:displaced", ["fora:2", "patch-parallel:displaced", "older step"]),
-    ("ddim@10 + fk:2 + patch-parallel:pcpp", ["fk:2", "patch-parallel:pcpp", "reorders"]),
-    ("ddim@20 + fbc:0.1 + patch-parallel:sync", ["fbc:0.1", "patch-parallel:sync", "disagree"]),
+@pytest.mark.parametrize("model, recipe, words", [
+    ("digits-dit", "ddim@10 + s-pndm@10", ["ddim@10", "s-pndm@10", "sampler"]),
+    ("digits-dit", "ep:uniform-3", ["ep:uniform-3", "DiTTransformer2DModel", "harmonica"]),
+    ("digits-dit", "s-pndm@10 + fk:4", ["fk:4", "s-pndm@10", "history"]),
+    ("digits-dit", "ddim@10 + fk:4:eta=0", ["fk:4", "ddim@10", "deterministic"]),
+    ("digits-dit", "plms-diffusers@10 + time-shift", ["time-shift", "plms-diffusers@10", "wraps only"]),
+    ("digits-dit", "fora:2", ["fora:2", "step count"]),
+    ("digits-dit", "one-step + fora:2:steps=20", ["one-step", "fora:2", "nothing to reuse"]),
+    ("digits-dit", "harmonica:no-such-plan", ["harmonica:no-such-plan", "no cache plan file"]),
+    ("digits-dit", "ddim@20 + fora:2 + patch-parallel:displaced", ["fora:2", "patch-parallel:displaced", "older step"]),
+    ("digits-dit", "ddim@10 + fk:2 + patch-parallel:pcpp", ["fk:2", "patch-parallel:pcpp", "reorders"]),
+    ("digits-dit", "ddim@20 + fbc:0.1 + patch-parallel:sync", ["fbc:0.1", "patch-parallel:sync", "disagree"]),
+    # flow-matching steering: a VP sampler, a deterministic FK, a sampler with history
+    ("random-flux", "ddpm@8 + fk:2", ["ddpm@8", "variance-preserving", "flow-matching"]),
+    ("random-flux", "fk:2:eta=0", ["fk:2", "deterministic", "FlowMatchSDEScheduler with eta > 0"]),
+    ("random-flux", "s-pndm@8 + fk:2", ["fk:2", "s-pndm@8", "history"]),
 ])
-def test_refusals_name_both_methods_and_change_nothing(recipe, words):
-    pipe = fresh("digits-dit")
+def test_refusals_name_both_methods_and_change_nothing(model, recipe, words):
+    pipe = fresh(model)
     scheduler = pipe.scheduler
     with pytest.raises(CompositionError) as err:
         accelerate(pipe, recipe)
@@ -257,6 +262,18 @@ def test_one_step_with_best_of_n_keeps_the_best_student_sample():
     assert out.images.shape == (2, 1, 32, 32)
     for s in out.searches:
         assert s.reward == max(s.history[0]) and s.nfe["nfe"] == 2
+
+
+def test_best_of_one_on_the_student_equals_the_student_on_a_fresh_pipeline():
+    """Regression: on a pipeline never called before, the student's CFG-row hook read a missing guidance scale
+    during best-of-N's own loop and ran the student on the unconditional rows too (FID 26 instead of 4 at n=200)."""
+    pipe = fresh("digits-sd")
+    with torch.no_grad(), accelerate(pipe, "one-step + best-of-n:1") as h:
+        best = h(prompt=PROMPTS, generator=make_generators(0, 2), output_type="pt").images
+    student = generate("digits-sd", "one-step", output_type="pt").images
+    # one prompt per search against both prompts in one batch: batch-size round-off of one student call
+    atol = network_atol(pipe.unet) + network_atol(pipe.vae)
+    assert best.shape == student.shape and torch.allclose(best, student, atol=atol), (best - student).abs().max()
 
 
 def test_patch_parallel_on_one_process_is_the_plain_path():
