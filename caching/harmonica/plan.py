@@ -25,7 +25,8 @@ from ..masks import StepUnitMask
 
 STEP_HOOK = "diffaccel.harmonica.step"
 UNIT_HOOK = "diffaccel.harmonica.unit"
-HOOK_NAMES = (STEP_HOOK, UNIT_HOOK)
+OUTPUT_HOOK = "diffaccel.harmonica.output"  # a Flux single-stream block's `proj_out` (see `engine._OutputHook`)
+HOOK_NAMES = (STEP_HOOK, UNIT_HOOK, OUTPUT_HOOK)
 PLAN_FORMAT = "diffaccel.cache_plan.v1"
 ROUTER_FORMAT = "diffaccel.router.v1"
 DEFAULT_THRESHOLD = 0.1  # τ of the released HarmoniCa / Learning-to-Cache DiT code

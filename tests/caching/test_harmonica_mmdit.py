@@ -62,6 +62,35 @@ def test_fora_reuses_every_unit_including_two_stream_attention(name):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
 
 
+@pytest.mark.parametrize("forecast", [0, 1])
+def test_flux_single_stream_output_reuse_is_bit_exact_and_skips_proj_out(forecast):
+    """When both units of a single-stream block are handed out unchanged, the block's proj_out is not run again:
+    the output equals the same plan with that hook removed, bit for bit, with fewer FLOPs. With the forecast a
+    reused unit hands out an extrapolation once it has two computations, and proj_out then runs."""
+    from diffaccel.caching.harmonica import OUTPUT_HOOK
+    from diffaccel.core.flops import flop_counter
+    from diffaccel.core.hooks import remove_hooks
+
+    pipe = _pipe("random-flux")
+    plan = fora_plan(STEPS, len(unit_modules(pipe.transformer)), 2, model=pipe, forecast=forecast)
+    results = []
+    for keep in (True, False):
+        apply_cache_plan(pipe, plan)
+        try:
+            if not keep:
+                remove_hooks(pipe.transformer, [OUTPUT_HOOK])
+            with flop_counter() as fc:
+                out = _run(pipe)
+            results.append((out, cache_plan_counters(pipe).output_reuses, fc.get_total_flops()))
+        finally:
+            remove_cache_plan(pipe)
+    (a, reused_a, flops_a), (b, reused_b, flops_b) = results
+    # FORA n=2 at 4 steps, one single-stream block, one call per step: steps 1 and 3 reuse; with the forecast
+    # step 3 extrapolates (computations at 0 and 2), so only step 1 hands out the stored outputs
+    assert torch.equal(a, b) and reused_b == 0 and flops_a < flops_b
+    assert reused_a == (1 if forecast else 2)
+
+
 def test_a_flux_plan_on_sd3_is_refused_naming_both():
     flux, sd3 = _pipe("random-flux"), _pipe("random-sd3")
     plan = fora_plan(STEPS, len(unit_modules(flux.transformer)), 2, model=flux)
