@@ -6,8 +6,9 @@ alike, repeated `--repeats` times (medians reported):
 
 * `plain`: the transformer with no hooks;
 * `compute`: a HarmoniCa cache plan attached, at a step whose plan row computes every unit (caches are written);
-* `reuse`: the next step, whose row reuses every unit (what FORA's non-compute steps do; the adaLN modulation, the
-  single-stream blocks' fused output projection, the norms and the embedders still run).
+* `reuse`: the next step, whose row reuses every unit (what FORA's non-compute steps do; the single-stream blocks'
+  fused output projection then returns its stored output too; the adaLN modulation, the MLP activation, the norms
+  and the embedders still run).
 
 Each block's time is taken by forward pre/post hooks, so the projection to the real depth is
 `other + 19 t_double + 38 t_single`, for plain and reuse calls alike. FLOPs come from `core.flops.flop_counter`

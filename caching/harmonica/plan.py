@@ -36,7 +36,8 @@ PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
 # PixArt's set is our choice: HarmoniCa's PixArt code is unreleased.
 # MMDiT (our choice, as FORA's and HarmoniCa's DiT units): SD3's joint blocks cache the joint attention (one call
 # giving the image and the text stream) and the two MLP branches; Flux adds its single-stream blocks ("single."),
-# whose units are the attention and the MLP input projection (the fused output projection always runs).
+# whose units are the attention and the MLP input projection (the fused output projection reuses its stored output
+# when both do: `engine._OutputHook`).
 DEFAULT_UNITS: dict[str, tuple[str, ...]] = {
     "DiTTransformer2DModel": ("attn1", "ff"),
     "PixArtTransformer2DModel": ("attn1", "attn2", "ff"),
