@@ -308,6 +308,31 @@ def whole_call_flops(pipe, call_kwargs: dict[str, Any], plan: BranchReusePlan | 
     return float(c.get_total_flops())
 
 
+def spread_schedules(steps: int, count: int) -> list[list[int]]:
+    """Schedules of `count` full steps out of `steps` (diffaccel's start set for the local search): step 0 full, the
+    other full steps spread evenly (rounded) from a first step f to a last step l, for every f from 1 to one spacing
+    past it and every l from one spacing before the last step to the last. FORA's schedule is one of them (f = n,
+    when its count is `count`); so is diffusers' TaylorSeer schedule with one warm-up step (f = 2, then every n-th:
+    a second computation right away gives the order-1 forecast its slope from the start)."""
+    if not 1 <= count <= steps:
+        raise ValueError(f"count must be in [1, {steps}], got {count}")
+    if count == 1:
+        return [[0]]
+    gap = -(-steps // count)  # the spacing, rounded up
+    out: list[list[int]] = []
+    for first in range(1, min(gap + 1, steps - 1) + 1):
+        for last in range(max(first, steps - 1 - gap), steps):
+            if count == 2:
+                full = [0, first]
+            elif last - first >= count - 2:
+                full = [0] + [round(first + i * (last - first) / (count - 2)) for i in range(count - 1)]
+            else:
+                continue
+            if len(set(full)) == count and full not in out:
+                out.append(full)
+    return out
+
+
 class Calibrator:
     """Steps 1-3 of the module docstring once (trajectory, reuse errors, weights, row FLOPs); then `check(target)`
     and `for_psnr(floor)` choose and measure plans cheaply for as many targets as wanted. Subclasses bind a
@@ -498,16 +523,33 @@ class Calibrator:
                 return rows
         raise ValueError(f"no plan of {kind} rows reaches a FLOPs ratio of {ratio:.3f}")
 
+    def spread_starts(self, ratio: float, kind: str = "reuse-all") -> list[list[int]]:
+        """Start plans for `local_rows`: `spaced_rows` first, then every `spread_schedules` schedule with its number
+        of full steps (the other steps reuse with `kind`)."""
+        j = self.names.index(kind)
+        spaced = self.spaced_rows(ratio, kind)
+        starts = [spaced]
+        for full in spread_schedules(self.steps, spaced.count(-1)):
+            rows = [-1 if s in full else j for s in range(self.steps)]
+            if rows not in starts:
+                starts.append(rows)
+        return starts
+
     def local_rows(self, ratio: float, kind: str = "reuse-all", max_evals: int = 120) -> list[int]:
-        """Shift search on the final images (diffaccel's search, not from a paper): start from `spaced_rows`, then
-        move one full step (not step 0) one step earlier or later onto a reused one while the paired PSNR of the
-        calibration images improves (best move per round, at most `max_evals` samplings). A move keeps the number
-        of full steps, so the modelled FLOPs ratio is unchanged; the start is one of the candidates, so the result
-        is never worse than the evenly spaced plan on the calibration images."""
-        rows = self.spaced_rows(ratio, kind)
-        best = self.fidelity(self._plan_from(rows, {})).psnr
-        evals = 1
-        _log(self.progress, f"local: evenly spaced start, calibration PSNR {best:.2f} dB")
+        """Shift search on the final images (diffaccel's search, not from a paper): sample every start of
+        `spread_starts` (FORA's even spacing, moved at both ends), keep the best, then move one full step (not step 0)
+        one step earlier or later onto a reused one while the paired PSNR of the calibration images improves (best
+        move per round, at most `max_evals` samplings in all). Every candidate has the same number of full steps, so
+        the modelled FLOPs ratio is unchanged; the evenly spaced plan is one of the candidates, so the result is
+        never worse than it on the calibration images."""
+        best, rows = -float("inf"), []
+        evals = 0
+        for start in self.spread_starts(ratio, kind):
+            psnr = self.fidelity(self._plan_from(start, {})).psnr
+            evals += 1
+            if psnr > best:
+                best, rows = psnr, start
+        _log(self.progress, f"local: best of {evals} spread starts, calibration PSNR {best:.2f} dB")
         while evals < max_evals:
             found: tuple[float, list[int]] | None = None
             for s in range(1, self.steps):

@@ -125,3 +125,23 @@ def test_dit_depth_row_kinds_and_the_denoiser_basis():
     assert rep.modelled_flops_ratio == pytest.approx(target, rel=1e-12) and rep.psnr >= start
     with pytest.raises(ValueError, match="search"):
         cal.check(target, basis="denoiser", search="anneal")
+
+
+def test_spread_schedules_hold_fora_and_taylorseer_and_keep_the_count():
+    """The local search's starts: step 0 full, `count` distinct full steps each; FORA-3's and diffusers'
+    TaylorSeer (interval 3, one warm-up step: 0, 2, 5, ...) schedules at 7 of 20 steps are both among them, as is
+    FORA-2 at 10 of 20; bad counts are refused."""
+    from diffaccel.caching.calibrate import spread_schedules
+
+    for steps, count in [(20, 7), (20, 10), (6, 3), (5, 2), (3, 3), (50, 17)]:
+        starts = spread_schedules(steps, count)
+        assert starts and len({tuple(s) for s in starts}) == len(starts)
+        for full in starts:
+            assert full[0] == 0 and len(set(full)) == count and all(0 <= s < steps for s in full)
+    seven = spread_schedules(20, 7)
+    assert list(range(0, 20, 3)) in seven and [0, 2, 5, 8, 11, 14, 17] in seven
+    assert list(range(0, 20, 2)) in spread_schedules(20, 10)
+    assert spread_schedules(20, 1) == [[0]] and spread_schedules(4, 4) == [[0, 1, 2, 3]]
+    for bad in (0, 21):
+        with pytest.raises(ValueError, match="count"):
+            spread_schedules(20, bad)
