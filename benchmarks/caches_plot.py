@@ -22,11 +22,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: (regex on the row name, series name), first match wins
 SERIES = [(r"^deepcache", "DeepCache (pip deepcache)"), (r"^ep-", "encoder propagation"),
           (r"^branch-reuse", "diffaccel branch reuse, calibrated"),
+          (r"^fora-\d+-forecast2", "FORA + order-2 forecast (diffaccel)"),
           (r"^fora-\d+-forecast", "FORA + forecast (diffaccel)"), (r"^fora-", "FORA"),
           (r"^harmonica", "HarmoniCa (shipped routers)"),
+          (r"^calibrated-.*-forecast2-greedy", None),  # not drawn: below the order-1 greedy plans
+          (r"^calibrated-.*-forecast2-local", "diffaccel calibrated + order-2 forecast, local"),
           (r"^calibrated-.*-forecast-greedy", "diffaccel calibrated + forecast, greedy"),
           (r"^calibrated-.*-forecast-local", "diffaccel calibrated + forecast, local"),
-          (r"^diffusers-fbc", "diffusers FirstBlockCache"), (r"^diffusers-taylorseer", "diffusers TaylorSeer"),
+          (r"^diffusers-fbc", "diffusers FirstBlockCache"),
+          (r"^diffusers-taylorseer-\d+-o2", "diffusers TaylorSeer, order 2"),
+          (r"^diffusers-taylorseer", "diffusers TaylorSeer"),
           (r"^diffusers-magcache", "diffusers MagCache")]
 
 
@@ -34,7 +39,7 @@ def series_of(rows: list[dict], ratio_key: str) -> dict[str, list[tuple[float, f
     out: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         psnr = (r.get("paired") or {}).get("psnr")
-        name = next((s for pat, s in SERIES if re.search(pat, r["name"])), None)
+        name = next((s for pat, s in SERIES if re.search(pat, r["name"])), None)  # first match; None: not drawn
         if psnr is None or name is None:
             continue
         out.setdefault(name, []).append((float(r[ratio_key]), float(psnr)))

@@ -43,6 +43,11 @@ from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConf
 UNIT_PATTERNS = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
 
 
+def forecast_tag(order: int) -> str:
+    """Row and plan name part of a forecast order: "forecast" (order 1, the names shipped first), "forecast2"."""
+    return "forecast" if order == 1 else f"forecast{order}"
+
+
 class UnitRows:
     """Rows (batch entries) each cache unit computed: a pre-hook on the unit's first sub-module."""
 
@@ -68,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fora", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--search", nargs="*", default=["dp", "greedy"], choices=["dp", "greedy", "local"],
                     help="how calibrated plans are chosen (caching.calibrate: error model + DP, greedy sampling, or "
-                         "local: FORA's spacing refined by moving full steps)")
+                         "local: the best of FORA-like spacings, refined by moving full steps)")
     ap.add_argument("--calibrate-forecast", type=int, nargs="*", default=[0, 1],
-                    help="calibrate plans without (0) and with (1) the order-1 forecast")
+                    help="calibrate plans without (0) and with the order-1 (1) or order-2 (2) forecast; FORA rows "
+                         "with each forecast order given")
     ap.add_argument("--fbc", type=float, nargs="*", default=[0.05, 0.1, 0.2])
     ap.add_argument("--taylorseer", type=int, nargs="*", default=[2, 3])
+    ap.add_argument("--taylorseer-orders", type=int, nargs="+", default=[1], choices=[1, 2],
+                    help="max_order of diffusers' TaylorSeer rows (order 1 rows keep the plain name)")
     ap.add_argument("--magcache", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     ap.add_argument("--harmonica", nargs="*", default=["digits-dit-20-harmonica-b1", "digits-dit-20-harmonica-b2"])
     args = ap.parse_args(argv)
@@ -126,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     n_units = len(unit_1)
     for n in args.fora:
         plan_row(f"fora-{n}", "FORA", fora_plan(args.steps, n_units, n, model=pipe))
-        plan_row(f"fora-{n}-forecast", "FORA schedule, order-1 forecast (diffaccel)",
-                 fora_plan(args.steps, n_units, n, model=pipe, forecast=1))
+        for order in [o for o in args.calibrate_forecast if o] or [1]:
+            plan_row(f"fora-{n}-{forecast_tag(order)}", f"FORA schedule, order-{order} forecast (diffaccel)",
+                     fora_plan(args.steps, n_units, n, model=pipe, forecast=order))
     for name in args.harmonica:
         plan = CachePlan.load(name)
         plan_row(name.replace("digits-dit-20-", ""), "HarmoniCa (shipped router plan)", plan)
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_s = time.perf_counter() - t0
         reuse_all = calibrator.names.index("reuse-all")
         for search, n in [(s, n) for s in args.search for n in args.fora]:
-            suffix = ("-forecast" if forecast else "") + (f"-{search}" if search != "dp" else "")
+            suffix = (f"-{forecast_tag(forecast)}" if forecast else "") + (f"-{search}" if search != "dp" else "")
             fora_rows = [-1 if s % n == 0 else reuse_all for s in range(args.steps)]
             target = rows_ratio(fora_rows, calibrator.costs, calibrator.full_cost)
             t0 = time.perf_counter()
@@ -151,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                     **plan.metadata, "model": "digits-dit", "command": summary_command(argv)}, forecast=forecast)
                 plan.save(args.save_plans / f"digits-dit-{args.steps}-{name}.safetensors")
             plan_row(name, f"diffaccel calibrated plan ({search}) at FORA-{n}'s denoiser FLOPs"
-                     + (", forecast" * forecast),
+                     + (f", order-{forecast} forecast" if forecast else ""),
                      plan, {"calibration": rep.as_dict(),
                             "calibration_seconds": measure_s + time.perf_counter() - t0})
 
     for t in args.fbc:
         diffusers_row(f"diffusers-fbc-{t:g}", FirstBlockCacheConfig(threshold=t))
-    for interval in args.taylorseer:
-        diffusers_row(f"diffusers-taylorseer-{interval}", TaylorSeerCacheConfig(
-            cache_interval=interval, disable_cache_before_step=1, cache_identifiers=UNIT_PATTERNS))
+    for interval, order in [(i, o) for o in args.taylorseer_orders for i in args.taylorseer]:
+        diffusers_row(f"diffusers-taylorseer-{interval}" + (f"-o{order}" if order > 1 else ""), TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=1, max_order=order, cache_identifiers=UNIT_PATTERNS))
     if args.magcache:
         ratios = calibrate_mag_ratios(pipe, args.steps, class_labels=labels, guidance_scale=args.guidance,
                                       generator=make_generators(args.calibration_seed, len(labels)))

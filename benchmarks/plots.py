@@ -25,7 +25,8 @@ def curves(panels: Sequence[tuple[str, str, dict[str, list[tuple[float, float]]]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4.2), squeeze=False)
     names = list(dict.fromkeys(name for _, _, series in panels for name in series))
-    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    cmap = plt.get_cmap("tab20")  # more than ten series: tab20's 20 colours instead of the default cycle's 10
+    colour = {name: f"C{i}" if len(names) <= 10 else cmap(i % 20) for i, name in enumerate(names)}
     handles = {}
     for ax, (title, ylabel, series) in zip(axes[0], panels, strict=True):
         for name, pts in series.items():

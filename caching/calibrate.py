@@ -662,14 +662,15 @@ class DiTCalibrator(Calibrator):
     cond_key = "class_labels"
 
     def __init__(self, pipe, conditions: Sequence[Any], *, forecast: int = 0, **kwargs: Any) -> None:
-        """`forecast=1`: plans hand out the order-1 forecast of reused outputs (`CachePlan.forecast`); the reuse
-        error at cache age a is then measured with the two previous computations a steps apart (3 calls)."""
+        """`forecast=1` (2): plans hand out the order-1 (order-2) forecast of reused outputs (`CachePlan.forecast`);
+        the reuse error at cache age a is then measured with the two (three) previous computations a steps apart."""
         self.forecast = forecast
         super().__init__(pipe, conditions, **kwargs)
 
     def history(self, s: int, age: int) -> list[int]:
-        """With the forecast, the two previous computations `age` steps apart (where they exist)."""
-        return [s - 2 * age, s - age] if self.forecast and s >= 2 * age else [s - age]
+        """With the forecast, the `forecast + 1` previous computations `age` steps apart (as many as exist)."""
+        n = 1 + min(self.forecast, s // age - 1)
+        return [s - k * age for k in range(n, 0, -1)]
 
     def row_kinds(self) -> dict[str, torch.Tensor]:
         from .harmonica import unit_modules

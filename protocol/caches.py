@@ -192,8 +192,8 @@ class HarmoniCa(_TransformerCache, name="harmonica", aliases=("cache-plan",)):
 @dataclass(frozen=True)
 class FORA(_TransformerCache, name="fora"):
     """FORA (Selvaraju et al. 2024): every block computed every `interval`-th step, reused in between. The plan's
-    step count comes from the recipe's sampler, or `steps`. `forecast=1` hands out the order-1 forecast of the
-    reused outputs instead of the last ones (see `caching.CachePlan`)."""
+    step count comes from the recipe's sampler, or `steps`. `forecast=1` (2) hands out the order-1 (order-2) forecast
+    of the reused outputs instead of the last ones (see `caching.CachePlan`)."""
 
     interval: int = 2
     steps: int | None = None
@@ -204,8 +204,8 @@ class FORA(_TransformerCache, name="fora"):
             raise ValueError(f"fora interval must be a whole number >= 1, got {self.interval!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ValueError(f"fora steps must be a whole number >= 1, got {self.steps!r}")
-        if self.forecast not in (0, 1):
-            raise ValueError(f"fora forecast is 0 or 1, got {self.forecast!r}")
+        if self.forecast not in (0, 1, 2):
+            raise ValueError(f"fora forecast is 0, 1 or 2, got {self.forecast!r}")
 
     def args(self) -> list[str]:
         return [str(self.interval)] + ([f"steps={self.steps}"] if self.steps is not None else []) \

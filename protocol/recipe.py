@@ -21,7 +21,7 @@ time-shift (ts)     ``window=``, ``cutoff=``                               ``ddi
 ep                  key steps, ``parallel``, ``noise=off|a/tau``,          ``ep:uniform-3:parallel``
                     ``max-parallel=``
 harmonica           plan name or file, ``force``                           ``harmonica:digits-dit-20-harmonica-b1``
-fora                interval, ``steps=``, ``forecast=0|1``                 ``ddim@20 + fora:2:forecast=1``
+fora                interval, ``steps=``, ``forecast=0|1|2``               ``ddim@20 + fora:2:forecast=1``
 fbc                 threshold (diffusers FirstBlockCache)                  ``ddim@20 + fbc:0.1``
 taylorseer          interval, ``warmup=`` (diffusers TaylorSeer)           ``ddim@20 + taylorseer:2``
 magcache            threshold, ``steps=`` (diffusers MagCache; ratios      ``ddim@20 + magcache:0.25``

@@ -98,6 +98,7 @@ class _HCState:
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
         self.forecast = plan.forecast if plan is not None else 0
         self.previous: dict[tuple[int, int], tuple[Any, int, int]] = {}  # forecast: the computation before
+        self.older: dict[tuple[int, int], tuple[Any, int]] = {}  # forecast 2: the one before that
         self.computed_at: dict[tuple[int, int], int] = {}
         self.plain_reuse: set[tuple[int, int]] = set()  # (unit, slot) whose latest call handed out its cache as is
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # (single-stream block, slot): its proj_out output
@@ -114,6 +115,7 @@ class _HCState:
     def clear(self) -> None:
         self.cache.clear()
         self.previous.clear()
+        self.older.clear()
         self.computed_at.clear()
         self.plain_reuse.clear()
         self.outputs.clear()
@@ -125,11 +127,13 @@ class _HCState:
         """Particles were resampled: every cached unit output follows its row."""
         self.cache = {key: take_rows(value, rows) for key, value in self.cache.items()}
         self.previous = {key: (take_rows(v, rows), s0, s1) for key, (v, s0, s1) in self.previous.items()}
+        self.older = {key: (take_rows(v, rows), s0) for key, (v, s0) in self.older.items()}
         self.outputs = {key: take_rows(value, rows) for key, value in self.outputs.items()}
 
     def _new_generation(self) -> None:
         self.cache.clear()
         self.previous.clear()
+        self.older.clear()
         self.computed_at.clear()
         self.plain_reuse.clear()
         self.outputs.clear()
@@ -193,6 +197,18 @@ def _forecast(last: Any, before: Any, s_before: int, s_last: int, step: int) -> 
                       for a, b in zip(last, before, strict=True))
 
 
+def _forecast2(last: Any, before: Any, oldest: Any, s0: int, s1: int, s2: int, step: int) -> Any:
+    """Order-2 forecast of a unit's output from its computations c0, c1, c2 at steps s0 < s1 < s2: TaylorSeer's
+    truncated Taylor series (Liu et al. 2025, Eq. 6) at the latest computation, c2 + f1 k + f2 k^2 / 2 with k = s - s2,
+    f1 = (c2 - c1) / (s2 - s1) and f2 = (f1 - (c1 - c0) / (s1 - s0)) / (s2 - s1), as diffusers' TaylorSeer
+    estimates the derivatives (the second difference over the latest spacing); stream by stream."""
+    if not isinstance(last, torch.Tensor):
+        return type(last)(_forecast2(a, b, c, s0, s1, s2, step) if a is not None else None
+                          for a, b, c in zip(last, before, oldest, strict=True))
+    f2 = ((last - before) / (s2 - s1) - (before - oldest) / (s1 - s0)) / (s2 - s1)
+    return _forecast(last, before, s1, s2, step) + f2 * ((step - s2) ** 2 / 2)
+
+
 def _blend(r: torch.Tensor, out: Any, cached: Any) -> Any:
     """r f + (1 - r) c, stream by stream for units that return several tensors."""
     if isinstance(out, torch.Tensor):
@@ -224,12 +240,16 @@ class _UnitHook(SharedStateHook):
                 st.counters.reuses[u] += 1
                 if st.forecast and key in st.previous:
                     st.plain_reuse.discard(key)
+                    if st.forecast >= 2 and key in st.older:
+                        return _forecast2(cached, st.previous[key][0], *st.older[key], *st.previous[key][1:], step)
                     return _forecast(cached, *st.previous[key], step)
                 st.plain_reuse.add(key)
                 return cached  # gated out of place by the block, so handing out the stored tensor is safe
             st.plain_reuse.discard(key)
             out = forward(*args, **kwargs)
             if st.forecast:
+                if st.forecast >= 2 and key in st.previous:  # (output, step) of the third latest computation
+                    st.older[key] = st.previous[key][:2]
                 if cached is not None:  # (output, step) of the two latest computations
                     st.previous[key] = (cached, st.computed_at[key], step)
                 st.computed_at[key] = step

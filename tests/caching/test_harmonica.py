@@ -155,7 +155,41 @@ def test_forecast_hands_out_the_order_one_extrapolation(dit, tmp_path):
     back = CachePlan.load(plan.save(tmp_path / "f.safetensors"))
     assert back.forecast == 1 and torch.equal(back.mask, plan.mask)
     with pytest.raises(ValueError, match="forecast"):
-        CachePlan(plan.mask, forecast=2)
+        CachePlan(plan.mask, forecast=3)
+
+
+def test_forecast_two_hands_out_taylorseers_order_two_expansion(dit):
+    """forecast=2 with computations at the uneven steps 0, 1, 3, 6: the last output after one computation, the
+    order-1 forecast after two, then c2 + f1 k + f2 k^2 / 2 (k = s - s2) from the last three, with the derivatives
+    estimated as TaylorSeer does: f1 = (c2 - c1) / (s2 - s1), f2 = (f1 - (c1 - c0) / (s1 - s0)) / (s2 - s1). Written
+    here in another order of float32 operations: a few roundings of terms of the outputs' size apart."""
+    steps, full = 8, (0, 1, 3, 6)
+    mask = torch.tensor([[s in full] * 4 for s in range(steps)])
+    plan = CachePlan(mask, forecast=2)  # a generic plan: checked by its unit count only
+    unit = dit.transformer.transformer_blocks[1].ff
+    handed, runs = [], []
+    h1 = unit.register_forward_hook(lambda m, i, o: handed.append(o.clone()))
+    h2 = unit.net[0].register_forward_pre_hook(lambda m, i: runs.append(1))
+    apply_cache_plan(dit, plan)
+    try:
+        run_dit(dit, steps=steps)
+    finally:
+        remove_cache_plan(dit)
+        h1.remove()
+        h2.remove()
+    assert len(handed) == steps and len(runs) == len(full)
+    c = {s: handed[s] for s in full}
+    assert torch.equal(handed[2], c[1] + (c[1] - c[0]) * ((2 - 1) / (1 - 0)))  # two computations: order 1
+    scale = float(max(v.abs().max() for v in c.values()))
+    for s in (4, 5, 7):
+        s0, s1, s2 = [f for f in full if f < s][-3:]
+        k = s - s2
+        f1 = (c[s2] - c[s1]) / (s2 - s1)
+        f2 = (f1 - (c[s1] - c[s0]) / (s1 - s0)) / (s2 - s1)
+        expected = c[s2] + f1 * k + f2 * (k * k / 2)
+        # terms up to ~4x the outputs' size (f2 k^2 / 2 with k <= 2, spacings >= 1), a few roundings each
+        assert float((handed[s] - expected).abs().max()) <= 64 * torch.finfo(torch.float32).eps * scale, s
+        assert not torch.allclose(handed[s], c[s2] + f1 * k)  # the second-order term is there
 
 
 def test_usage_ratio_counts_skipped_units_and_baselines():
@@ -269,15 +303,16 @@ def test_cli_plan_info(tmp_path, capsys):
     assert main(["cache", "plan-info"]) == 0
 
 
-@pytest.mark.parametrize("name, skipped", [("digits-dit-20-calibrated-1.90x-forecast-greedy", 0.5),
-                                           ("digits-dit-20-calibrated-2.61x-forecast-local", 0.65)])
-def test_shipped_calibrated_forecast_plans(name, skipped):
+@pytest.mark.parametrize("name, skipped, order", [("digits-dit-20-calibrated-1.90x-forecast-greedy", 0.5, 1),
+                                                  ("digits-dit-20-calibrated-2.61x-forecast-local", 0.65, 1),
+                                                  ("digits-dit-20-calibrated-2.61x-forecast2-local", 0.65, 2)])
+def test_shipped_calibrated_forecast_plans(name, skipped, order):
     """The calibrated plans of benchmarks/dit_caches.py skip as many units as FORA-2 / FORA-3 (the compute they
     are compared at), forecast what they reuse, compute every unit at step 0, and run through the protocol."""
     from diffaccel import accelerate
 
     plan = CachePlan.load(name)
-    assert plan.forecast == 1 and plan.num_steps == 20 and bool(plan.mask[0].all())
+    assert plan.forecast == order and plan.num_steps == 20 and bool(plan.mask[0].all())
     assert plan.usage_ratio == pytest.approx(skipped)  # usage: the fraction of unit outputs taken from the cache
     assert plan.metadata["search"] in ("greedy", "local") and "dit_caches.py" in plan.metadata["command"]
     pipe = zoo.load("digits-dit")

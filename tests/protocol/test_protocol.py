@@ -178,6 +178,7 @@ def test_patch_parallel_check_knows_which_denoisers_it_can_split():
     (Sampler("ddim", 10), TaylorSeer(3, warmup=2)),
     (MagCache(0.25, steps=20),),
     (Sampler("ddim", 20), FORA(3, forecast=1)),
+    (Sampler("ddim", 20), FORA(3, forecast=2)),
 ])
 def test_recipe_string_round_trip(methods):
     text = format_recipe(methods)
@@ -187,7 +188,7 @@ def test_recipe_string_round_trip(methods):
 
 
 @pytest.mark.parametrize("bad", ["s-pndm@", "warp@10", "ep:uniform-3::parallel", "fora:x", "ddim@0",
-                                 "f-pndm@5", "ts@10", "ddim@10:grid=diagonal"])
+                                 "f-pndm@5", "ts@10", "ddim@10:grid=diagonal", "fora:2:forecast=3"])
 def test_unreadable_recipes_raise_value_errors(bad):
     with pytest.raises(ValueError):
         parse_recipe(bad)
