@@ -131,14 +131,11 @@ def test_reused_value_is_last_computed_output(dit):
     assert torch.equal(seen[0], snapshot)  # the block gates the cached tensor out of place: never mutated
 
 
-def test_forecast_hands_out_the_order_one_extrapolation(dit, tmp_path):
-    """forecast=1: at a reused step s the unit's value is c1 + (c1 - c0) (s - s1) / (s1 - s0) from its two latest
-    computed outputs (steps s0 < s1); with one computation only, the last output. Elementwise float32 arithmetic
-    on the same tensors in the same order: exact."""
-    steps = 7
-    plan = fora_plan(steps, 4, 3, model=dit, forecast=1)  # compute at 0, 3, 6
+def _ff_outputs(dit, plan: CachePlan, steps: int) -> tuple[list[torch.Tensor], list[int]]:
+    """What block 1's ff unit handed out at each step under `plan` (a forward hook sees it, computed or not), and
+    one entry per step it computed (its net[0] runs only then)."""
     unit = dit.transformer.transformer_blocks[1].ff
-    handed, runs = [], []  # a forward hook sees what the unit hands out, computed or not; net[0] runs only if computed
+    handed, runs = [], []
     h1 = unit.register_forward_hook(lambda m, i, o: handed.append(o.clone()))
     h2 = unit.net[0].register_forward_pre_hook(lambda m, i: runs.append(1))
     apply_cache_plan(dit, plan)
@@ -148,6 +145,16 @@ def test_forecast_hands_out_the_order_one_extrapolation(dit, tmp_path):
         remove_cache_plan(dit)
         h1.remove()
         h2.remove()
+    return handed, runs
+
+
+def test_forecast_hands_out_the_order_one_extrapolation(dit, tmp_path):
+    """forecast=1: at a reused step s the unit's value is c1 + (c1 - c0) (s - s1) / (s1 - s0) from its two latest
+    computed outputs (steps s0 < s1); with one computation only, the last output. Elementwise float32 arithmetic
+    on the same tensors in the same order: exact."""
+    steps = 7
+    plan = fora_plan(steps, 4, 3, model=dit, forecast=1)  # compute at 0, 3, 6
+    handed, runs = _ff_outputs(dit, plan, steps)
     assert len(handed) == steps and len(runs) == 3
     c0, c3 = handed[0], handed[3]
     assert torch.equal(handed[1], c0) and torch.equal(handed[2], c0)  # one computation so far: the last output
@@ -166,17 +173,7 @@ def test_forecast_two_hands_out_taylorseers_order_two_expansion(dit):
     steps, full = 8, (0, 1, 3, 6)
     mask = torch.tensor([[s in full] * 4 for s in range(steps)])
     plan = CachePlan(mask, forecast=2)  # a generic plan: checked by its unit count only
-    unit = dit.transformer.transformer_blocks[1].ff
-    handed, runs = [], []
-    h1 = unit.register_forward_hook(lambda m, i, o: handed.append(o.clone()))
-    h2 = unit.net[0].register_forward_pre_hook(lambda m, i: runs.append(1))
-    apply_cache_plan(dit, plan)
-    try:
-        run_dit(dit, steps=steps)
-    finally:
-        remove_cache_plan(dit)
-        h1.remove()
-        h2.remove()
+    handed, runs = _ff_outputs(dit, plan, steps)
     assert len(handed) == steps and len(runs) == len(full)
     c = {s: handed[s] for s in full}
     assert torch.equal(handed[2], c[1] + (c[1] - c[0]) * ((2 - 1) / (1 - 0)))  # two computations: order 1
