@@ -7,8 +7,9 @@ Rows: the uncached pipeline (the reference of the paired metrics), diffaccel FOR
 (double-stream attn/ff/ff_context and single-stream attn/proj_mlp units reused every n-th step), the HarmoniCa plans
 learned for digits-flux (`caching/plans/digits-flux-*`, router training at 28 steps), each of these plans again with
 the order-1 forecast of reused outputs (`CachePlan.forecast = 1`: TaylorSeer's finite-difference rule, Liu et al.
-2025, Eq. 6, on the plan's schedule; the learned plans were trained without it), and diffusers'
-`FirstBlockCacheConfig`, `TaylorSeerCacheConfig` and `MagCacheConfig` through `transformer.enable_cache` (MagCache
+2025, Eq. 6, on the plan's schedule; the learned plans were trained without it), the FORA plans with the order-2
+forecast (`forecast = 2`), and diffusers' `FirstBlockCacheConfig`, `TaylorSeerCacheConfig` (max_order 1 and 2) and
+`MagCacheConfig` through `transformer.enable_cache` (MagCache
 calibrated as its docstring says: one `calibrate=True` run, on seeds disjoint from the measured ones). Compute is
 compared as the measured FLOPs of one 28-step generation (`core.flops`, executed ops only) relative to uncached;
 FID/accuracy against the digits test split; PSNR/SSIM image by image against the uncached output of the same seeds.
@@ -72,13 +73,13 @@ def configs(pipe, steps: int, kw: dict, plans: dict[str, CachePlan]) -> list[tup
     def plan_row(name: str, plan: CachePlan) -> tuple[str, callable, callable]:
         return name, (lambda: apply_cache_plan(pipe, plan)), (lambda: remove_cache_plan(pipe))
 
-    for forecast in (0, 1):
-        suffix = " + forecast" if forecast else ""
+    for forecast in (0, 1, 2):
+        suffix = ["", " + forecast", " + order-2 forecast"][forecast]
         for k in FORA_INTERVALS:
             out.append(plan_row(f"diffaccel FORA n={k}{suffix}", fora_plan(steps, n_units, k, model=pipe,
                                                                          forecast=forecast)))
         for name, plan in plans.items():
-            if forecast and plan.forecast:
+            if forecast == 2 or (forecast and plan.forecast):  # the learned plans: without and with order 1 only
                 continue  # a plan that already forecasts has its row above
             out.append(plan_row(f"diffaccel HarmoniCa {Path(name).stem}{suffix}",
                                 dataclasses.replace(plan, forecast=forecast or plan.forecast)))
@@ -88,10 +89,10 @@ def configs(pipe, steps: int, kw: dict, plans: dict[str, CachePlan]) -> list[tup
 
     for t in (0.1, 0.2, 0.4):
         out.append((f"diffusers FirstBlockCache t={t}", *diffusers_cache(FirstBlockCacheConfig(threshold=t))))
-    for interval in (2, 3, 4):
-        out.append((f"diffusers TaylorSeer interval={interval}",
+    for order, interval in [(o, i) for o in (1, 2) for i in (2, 3, 4)]:
+        out.append((f"diffusers TaylorSeer interval={interval}" + (f" order={order}" if order > 1 else ""),
                     *diffusers_cache(TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=1,
-                                                           taylor_factors_dtype=torch.float32))))
+                                                           max_order=order, taylor_factors_dtype=torch.float32))))
     ratios = calibrate_magcache(pipe, steps, kw)
     for t in (0.12, 0.24, 0.5):
         out.append((f"diffusers MagCache t={t}",

@@ -1,5 +1,5 @@
-"""`benchmarks/flux_caches.py`: the rows it builds (FORA, FORA + forecast, learned plans with and without the
-forecast, diffusers' caches) attach what they say, and the PSNR-vs-compute Pareto marks."""
+"""`benchmarks/flux_caches.py`: the rows it builds (FORA, FORA + forecast of order 1 and 2, learned plans with and
+without the forecast, diffusers' caches) attach what they say, and the PSNR-vs-compute Pareto marks."""
 
 from __future__ import annotations
 
@@ -43,11 +43,13 @@ def test_rows_attach_the_plans_they_name(bench, tmp_path):
     names = [r[0] for r in rows]
     assert names[0] == "uncached" and len(names) == len(set(names))
     for k in bench.FORA_INTERVALS:
-        assert f"diffaccel FORA n={k}" in names and f"diffaccel FORA n={k} + forecast" in names
+        assert {f"diffaccel FORA n={k}{s}" for s in ("", " + forecast", " + order-2 forecast")} <= set(names)
     assert "diffaccel HarmoniCa learned" in names and "diffaccel HarmoniCa learned + forecast" in names
-    assert sum(n.startswith("diffusers ") for n in names) == 9
+    assert "diffaccel HarmoniCa learned + order-2 forecast" not in names
+    assert sum(n.startswith("diffusers ") for n in names) == 12  # FBC x3, TaylorSeer x3 at order 1 and 2, MagCache x3
     by_name = {name: (attach, detach) for name, attach, detach in rows}
     for name, forecast, mask in [("diffaccel FORA n=3 + forecast", 1, torch.arange(STEPS) % 3 == 0),
+                                 ("diffaccel FORA n=2 + order-2 forecast", 2, torch.arange(STEPS) % 2 == 0),
                                  ("diffaccel FORA n=3", 0, torch.arange(STEPS) % 3 == 0),
                                  ("diffaccel HarmoniCa learned", 0, None),
                                  ("diffaccel HarmoniCa learned + forecast", 1, None)]:
