@@ -319,15 +319,13 @@ def spread_schedules(steps: int, count: int) -> list[list[int]]:
     if count == 1:
         return [[0]]
     gap = -(-steps // count)  # the spacing, rounded up
+    firsts = range(1, min(gap + 1, steps - 1) + 1)
+    if count == 2:
+        return [[0, first] for first in firsts]
     out: list[list[int]] = []
-    for first in range(1, min(gap + 1, steps - 1) + 1):
-        for last in range(max(first, steps - 1 - gap), steps):
-            if count == 2:
-                full = [0, first]
-            elif last - first >= count - 2:
-                full = [0] + [round(first + i * (last - first) / (count - 2)) for i in range(count - 1)]
-            else:
-                continue
+    for first in firsts:
+        for last in range(max(first + count - 2, steps - 1 - gap), steps):
+            full = [0] + [round(first + i * (last - first) / (count - 2)) for i in range(count - 1)]
             if len(set(full)) == count and full not in out:
                 out.append(full)
     return out

@@ -240,9 +240,11 @@ class _UnitHook(SharedStateHook):
                 st.counters.reuses[u] += 1
                 if st.forecast and key in st.previous:
                     st.plain_reuse.discard(key)
+                    before, s_before, s_last = st.previous[key]
                     if st.forecast >= 2 and key in st.older:
-                        return _forecast2(cached, st.previous[key][0], *st.older[key], *st.previous[key][1:], step)
-                    return _forecast(cached, *st.previous[key], step)
+                        oldest, s_oldest = st.older[key]
+                        return _forecast2(cached, before, oldest, s_oldest, s_before, s_last, step)
+                    return _forecast(cached, before, s_before, s_last, step)
                 st.plain_reuse.add(key)
                 return cached  # gated out of place by the block, so handing out the stored tensor is safe
             st.plain_reuse.discard(key)

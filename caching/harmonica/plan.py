@@ -110,8 +110,8 @@ class CachePlan(StepUnitMask):
     order-1 Taylor expansion with finite differences of TaylorSeer, Liu et al. 2025, Eq. 6), the last output
     while only one exists; 2: TaylorSeer's order-2 expansion from its last three computed outputs (the second
     derivative estimated as diffusers' TaylorSeer does, over the latest spacing), the order-1 forecast while only
-    two exist. (The exact quadratic through the three outputs extrapolates worse: 37.99 against 38.62 dB for order 1
-    on digits-dit at 2.6x; the Taylor form's smaller second-order term does better.)
+    two exist. (The exact quadratic through the three outputs extrapolated worse on digits-dit at 2.6x: 37.99 dB,
+    against 39.19 for this form and 38.62 for order 1; the Taylor form's smaller second-order term does better.)
     """
 
     mask: torch.Tensor
